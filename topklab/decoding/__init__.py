@@ -1,0 +1,1 @@
+"""Adapters that plug topklab into Hugging Face transformers models (the only framework-specific code)."""
