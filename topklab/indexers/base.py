@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import ClassVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from topklab.checks import check_k, check_vectors
+
+if TYPE_CHECKING:
+    from topklab.fidelity.traces import LayerTrace
 
 
 @dataclasses.dataclass
@@ -75,6 +79,8 @@ class Indexer:
     choices: ClassVar[dict[str, tuple[str, ...]]] = {}
     #: Specs that `topklab recall` evaluates by default for this family.
     examples: ClassVar[tuple[str, ...]] = ()
+    #: Learned indexers set this and implement ``fit``; `topklab recall` fits them on held-out traces first.
+    trainable: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         for field, allowed in self.choices.items():
@@ -103,6 +109,10 @@ class Indexer:
         return f"<{type(self).__name__} {self.spec} n={self.n}>"
 
     # -- the protocol ----------------------------------------------------------------------------------------
+    def fit(self, layers: "Sequence[LayerTrace]") -> "Indexer":
+        """Learn parameters from captured attention of one layer (several sequences); only trainable indexers."""
+        raise TypeError(f"{self.spec} is not trainable: it has nothing to fit")
+
     def build(self, keys: torch.Tensor) -> "Indexer":
         """Index ``keys [*, N, d]`` (replacing whatever was indexed before)."""
         check_vectors(keys, "keys")
