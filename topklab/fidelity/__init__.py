@@ -4,6 +4,7 @@ from topklab.fidelity.metrics import (
     attention_logits,
     attention_mass_recall,
     fidelity,
+    fidelity_from_logits,
     kl_divergence,
     output_error,
     recall_at_k,
@@ -11,6 +12,6 @@ from topklab.fidelity.metrics import (
 )
 
 __all__ = [
-    "attention_logits", "attention_mass_recall", "fidelity", "kl_divergence", "output_error", "recall_at_k",
+    "attention_logits", "attention_mass_recall", "fidelity", "fidelity_from_logits", "kl_divergence", "output_error", "recall_at_k",
     "selection_mask",
 ]

@@ -91,11 +91,22 @@ def output_error(q, keys, values, pred, scale: float | None = None) -> torch.Ten
 
 def fidelity(q, keys, values, pred, true=None, scale: float | None = None) -> dict[str, torch.Tensor]:
     """All metrics at once, sharing one softmax: recall@k (if ``true`` is given), mass recall, KL, output error."""
-    logits = attention_logits(q, keys, scale)
-    mask = selection_mask(pred, keys.shape[-2])
-    probs = torch.softmax(logits, dim=-1)
-    mass = _mass(probs, mask)
-    out = {"mass_recall": mass, "kl": -torch.log(mass.clamp_min(1e-30)), "output_error": _output_error(logits, mask, values.float())}
+    check_vectors(values, "values")
+    return fidelity_from_logits(attention_logits(q, keys, scale), values, pred, true)
+
+
+def fidelity_from_logits(logits: torch.Tensor, values: torch.Tensor, pred: torch.Tensor,
+                         true: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """`fidelity` from precomputed ``logits [*, M, N]`` (scaled q.k), for callers that score many selections."""
+    if values.shape[-2] != logits.shape[-1]:
+        raise ValueError(f"values hold {values.shape[-2]} keys but the logits score {logits.shape[-1]}")
+    mask = selection_mask(pred, logits.shape[-1])
+    mass = _mass(torch.softmax(logits, dim=-1), mask)
+    out = {
+        "mass_recall": mass,
+        "kl": -torch.log(mass.clamp_min(1e-30)),
+        "output_error": _output_error(logits, mask, values.float()),
+    }
     if true is not None:
         out["recall"] = recall_at_k(pred, true)
     return out

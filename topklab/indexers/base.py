@@ -88,6 +88,10 @@ class Indexer:
                 raise ValueError(
                     f"{self.name}: {field}={getattr(self, field)!r} is not valid; choose one of {', '.join(allowed)}"
                 )
+        self._reset()
+
+    def _reset(self) -> None:
+        """Forget the indexed keys (learned parameters of trainable indexers are kept)."""
         self.n = 0
         self.cost = Cost()
         self._lead: torch.Size | None = None
@@ -118,7 +122,7 @@ class Indexer:
         check_vectors(keys, "keys")
         if keys.shape[-2] == 0:
             raise ValueError("cannot build an index on an empty cache (N = 0); pass at least one key")
-        self.__post_init__()
+        self._reset()
         self._lead, self._dim, self._device = keys.shape[:-2], keys.shape[-1], keys.device
         start = time.perf_counter()
         self._build(keys)

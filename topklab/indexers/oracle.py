@@ -31,6 +31,9 @@ class Oracle(StoredKeysIndexer):
         super().__post_init__()
         if not 0.0 <= self.p <= 1.0:
             raise ValueError(f"oracle: p must be in [0, 1], got {self.p}")
+
+    def _build(self, keys: torch.Tensor) -> None:
+        super()._build(keys)
         self._generator = torch.Generator().manual_seed(self.seed)
 
     def _search(self, queries: torch.Tensor, k: int) -> torch.Tensor:
