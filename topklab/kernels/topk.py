@@ -1,0 +1,368 @@
+"""Exact Top-k selection for one decode step, near the cost of reading K once.
+
+Four small kernels instead of q.K^T + torch.topk (which reads the scores many times with one block per row):
+
+1. ``_score_kernel`` streams K once (many programs per KV head), scores the G query heads of the group on the
+   tensor cores, writes the fp32 scores (4*G bytes per key against 2*d to read the key) and the maximum of every
+   block of ``bs`` keys.
+2. ``_threshold_kernel`` (one program per row) finds a value ``v`` with at least k block maxima >= v. Since those
+   blocks are disjoint, at least k keys score >= v: no key of the Top-k is below v, and with >= 4k blocks only
+   about 1.15k keys pass.
+3. ``_collect_kernel`` (many programs per row) appends the keys scoring >= v to a candidate list.
+4. ``_finalize_kernel`` (one program per row) finds the exact k-th largest candidate by narrowing histograms
+   (128 bins a pass over the candidates; ties go to the lower index) and writes the k winners.
+
+Scores and indices come back unordered unless ``sorted=True`` (a torch sort of the k winners). Scores are compared
+through an integer key whose signed order is the float order, so every step is exact.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from topklab.checks import check_k
+from topklab.kernels._triton import HAS_TRITON, interpreting, next_pow2, tl, triton, use_triton
+
+HIST_BINS = 128
+MAX_GROUP_BLOCK = 64  # query rows scored together against one key tile
+
+
+def topk(q: torch.Tensor, keys: torch.Tensor, k: int, *, lengths: torch.Tensor | None = None,
+         per_kv_head: bool = False, sorted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact Top-k keys of one decode step: ``(scores fp32, indices int64)``.
+
+    ``q [B, Hq, d]`` with ``keys [B, Hkv, N, d]`` (GQA: Hq = G * Hkv; output ``[B, Hq, k]``, or ``[B, Hkv, k]`` with
+    ``per_kv_head``, which ranks keys by the group's summed scores), or queries already folded per KV head,
+    ``q [*, M, d]`` with ``keys [*, N, d]`` (output ``[*, M, k]``). ``lengths [B]`` are the valid keys per sequence;
+    rows with fewer than k get index -1 and score -inf in the tail. Ties go to the lower index. ``sorted`` orders
+    each row best first; otherwise the order is unspecified. Triton on CUDA, :func:`topk_reference` elsewhere.
+    """
+    q3, k3, out_shape = _fold(q, keys, per_kv_head)
+    check_k(k, k3.shape[1])
+    row_lengths = _row_lengths(lengths, keys, k3.shape[0])
+    if not use_triton(k3):
+        return topk_reference(q, keys, k, lengths=lengths, per_kv_head=per_kv_head)
+    scores, indices = _select(q3, k3, k, row_lengths, per_kv_head)
+    if sorted:
+        scores, indices = _sort_best_first(scores, indices)
+    return scores.view(*out_shape, k), indices.view(*out_shape, k)
+
+
+def topk_reference(q: torch.Tensor, keys: torch.Tensor, k: int, *, lengths: torch.Tensor | None = None,
+                   per_kv_head: bool = False, sorted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch: fp32 q.K^T, keys past each length masked, a stable sort (ties to the lower index), the first k."""
+    q3, k3, out_shape = _fold(q, keys, per_kv_head)
+    check_k(k, k3.shape[1])
+    row_lengths = _row_lengths(lengths, keys, k3.shape[0])
+    scores = torch.matmul(q3.float(), k3.float().transpose(1, 2))  # [L, M, N]
+    if per_kv_head:
+        scores = scores.sum(dim=1, keepdim=True)
+    if row_lengths is not None:
+        positions = torch.arange(k3.shape[1], device=k3.device)
+        scores = scores.masked_fill(positions >= row_lengths.view(-1, 1, 1), float("-inf"))
+    top_scores, top_idx = torch.sort(scores, dim=-1, descending=True, stable=True)
+    top_scores, top_idx = top_scores[..., :k], top_idx[..., :k]
+    top_idx = top_idx.masked_fill(top_scores == float("-inf"), -1)
+    return top_scores.reshape(*out_shape, k), top_idx.reshape(*out_shape, k)
+
+
+def _fold(q: torch.Tensor, keys: torch.Tensor, per_kv_head: bool):
+    """Queries [L, M, d] and keys [L, N, d] (L = batch x KV heads) plus the output's leading shape."""
+    for name, t in (("q", q), ("keys", keys)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor")
+    if q.device != keys.device:
+        raise ValueError(f"q is on {q.device} but keys are on {keys.device}; move both to one device")
+    if q.shape[-1] != keys.shape[-1]:
+        raise ValueError(f"head dim mismatch: q has d = {q.shape[-1]}, keys have d = {keys.shape[-1]}")
+    if keys.dim() < 3:
+        raise ValueError(f"keys must be [B, Hkv, N, d] or [*, N, d] with a batch/head dim, got {tuple(keys.shape)}")
+    n, d = keys.shape[-2], keys.shape[-1]
+    if q.dim() == keys.dim() - 1 and keys.dim() == 4:  # one decode step: q [B, Hq, d], keys [B, Hkv, N, d]
+        b, hq, hkv = q.shape[0], q.shape[1], keys.shape[1]
+        if q.shape[0] != keys.shape[0] or hq % hkv:
+            raise ValueError(f"q {tuple(q.shape)} and keys {tuple(keys.shape)}: need the same batch and Hq a "
+                             f"multiple of Hkv (GQA)")
+        q3 = q.reshape(b * hkv, hq // hkv, d)
+        out_shape = (b, hkv) if per_kv_head else (b, hq)
+    elif q.dim() == keys.dim() and q.shape[:-2] == keys.shape[:-2]:  # folded: q [*, M, d], keys [*, N, d]
+        q3 = q.reshape(-1, q.shape[-2], d)
+        out_shape = (*q.shape[:-2], 1 if per_kv_head else q.shape[-2])
+    else:
+        raise ValueError(f"q {tuple(q.shape)} does not fit keys {tuple(keys.shape)}: pass q [B, Hq, d] with keys "
+                         "[B, Hkv, N, d], or q [*, M, d] with keys [*, N, d]")
+    if per_kv_head and q3.shape[1] > MAX_GROUP_BLOCK:
+        raise ValueError(f"per_kv_head sums at most {MAX_GROUP_BLOCK} query heads per KV head, got {q3.shape[1]}")
+    return q3, keys.reshape(-1, n, d), out_shape
+
+
+def _row_lengths(lengths: torch.Tensor | None, keys: torch.Tensor, n_lead: int) -> torch.Tensor | None:
+    """Valid keys per folded KV row [L] (int32), from per-sequence ``lengths [B]``."""
+    if lengths is None:
+        return None
+    b = keys.shape[0]
+    if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1 or lengths.shape[0] != b:
+        raise ValueError(f"lengths must be a 1-D tensor of {b} per-sequence key counts")
+    if lengths.dtype.is_floating_point or lengths.device != keys.device:
+        raise ValueError("lengths must be an integer tensor on the keys' device")
+    return lengths.to(torch.int32).clamp(0, keys.shape[-2]).repeat_interleave(n_lead // b)
+
+
+def _sort_best_first(scores: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order rows by score descending, ties by index ascending (-1 padding last)."""
+    by_index = torch.where(indices < 0, torch.iinfo(torch.int64).max, indices).argsort(dim=-1)
+    scores, indices = scores.gather(-1, by_index), indices.gather(-1, by_index)
+    by_score = scores.argsort(dim=-1, descending=True, stable=True)
+    return scores.gather(-1, by_score), indices.gather(-1, by_score)
+
+
+def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, row_lengths: torch.Tensor | None, per_kv_head: bool):
+    """The four launches. Returns unordered ``scores [R, k]`` and ``indices [R, k]`` (R = output rows)."""
+    if k3.stride(-1) != 1:
+        k3 = k3.contiguous()
+    q3 = q3.contiguous()
+    n_lead, m, d = q3.shape
+    n = k3.shape[1]
+    rows = n_lead if per_kv_head else n_lead * m
+    device = k3.device
+    block_n = 64 if k3.dtype == torch.float32 else 128
+    block_m = max(16, next_pow2(min(m, MAX_GROUP_BLOCK)))
+    m_blocks = triton.cdiv(m, block_m)
+    # >= 4k blocks (so ~1.15k candidates), at most one tile per block
+    block_size = max(1, min(block_n, _prev_pow2(n // (4 * k)) if n >= 4 * k else 1))
+    n_blocks = triton.cdiv(n, block_size)
+    programs = _sm_count(device) * 4
+    splits = max(1, min(triton.cdiv(n, block_n), triton.cdiv(programs, n_lead * m_blocks)))
+    per_split = triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
+    has_lengths = row_lengths is not None
+    lengths_arg = row_lengths if has_lengths else q3  # unused pointer when there are no lengths
+    dot_fp32 = k3.dtype == torch.float32 or q3.dtype == torch.float32 or interpreting() or q3.dtype != k3.dtype
+
+    scores = torch.empty(rows, n, dtype=torch.float32, device=device)
+    block_max = torch.empty(rows, n_blocks, dtype=torch.float32, device=device)
+    _score_kernel[(n_lead * m_blocks, triton.cdiv(n, per_split))](
+        q3, k3, lengths_arg, scores, block_max, n, m, k3.stride(0), k3.stride(1), per_split, n_blocks,
+        D=d, BLOCK_D=max(16, next_pow2(d)), BLOCK_M=block_m, BLOCK_N=block_n, BS=block_size,
+        REDUCE_GROUP=per_kv_head, DOT_FP32=dot_fp32, HAS_LENGTHS=has_lengths,
+        num_warps=8 if block_m > 16 else 4, num_stages=3,
+    )
+    rows_per_kv = rows // n_lead
+    threshold = torch.empty(rows, dtype=torch.int32, device=device)
+    row_max = torch.empty(rows, dtype=torch.int32, device=device)
+    counter = torch.empty(rows, dtype=torch.int32, device=device)
+    _threshold_kernel[(rows,)](
+        block_max, lengths_arg, threshold, row_max, counter, n, n_blocks, k, rows_per_kv,
+        BS=block_size, NB=HIST_BINS, BLOCK_T=2048, LEVELS=2, HAS_LENGTHS=has_lengths, num_warps=8,
+    )
+    candidates = torch.empty(rows, n, dtype=torch.int64, device=device)
+    block_c = 2048
+    c_splits = max(1, min(triton.cdiv(n, block_c), triton.cdiv(programs, rows)))
+    c_per_split = triton.cdiv(triton.cdiv(n, c_splits), block_c) * block_c
+    _collect_kernel[(rows, triton.cdiv(n, c_per_split))](
+        scores, lengths_arg, threshold, counter, candidates, n, c_per_split, rows_per_kv,
+        BLOCK_C=block_c, HAS_LENGTHS=has_lengths, num_warps=8,
+    )
+    out_scores = torch.empty(rows, k, dtype=torch.float32, device=device)
+    out_indices = torch.empty(rows, k, dtype=torch.int64, device=device)
+    _finalize_kernel[(rows,)](
+        candidates, counter, threshold, row_max, lengths_arg, out_scores, out_indices, n, k, rows_per_kv,
+        NB=HIST_BINS, BLOCK_F=2048, HAS_LENGTHS=has_lengths, num_warps=8,
+    )
+    return out_scores, out_indices
+
+
+def _prev_pow2(x: int) -> int:
+    return 1 << (max(1, int(x)).bit_length() - 1)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter runs programs one by one: few, larger programs are faster there
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _ordered_key(x):
+        """fp32 -> int32 whose signed order is the float order (-0.0 folded onto +0.0)."""
+        bits = (x + 0.0).to(tl.int32, bitcast=True)
+        return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+    @triton.jit
+    def _key_to_float(key):
+        return (key ^ ((key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _row_length(len_ptr, row, rows_per_kv, N, HAS_LENGTHS: tl.constexpr):
+        length = N
+        if HAS_LENGTHS:
+            length = tl.load(len_ptr + row // rows_per_kv)
+        return length
+
+    @triton.jit
+    def _bin_of(key, lo, hi, NB: tl.constexpr):
+        """Bin of an int64 key in NB equal bins over [lo, hi]."""
+        return (((key - lo) * NB) // (hi - lo + 1)).to(tl.int32)
+
+    @triton.jit
+    def _pick_bin(hist, lo, hi, need, NB: tl.constexpr):
+        """The bin holding the need-th largest key: its [lo, hi], what is still needed from it, and its count."""
+        bins = tl.arange(0, NB)
+        above = tl.sum(tl.where(bins[None, :] > bins[:, None], hist[None, :], 0), axis=1)
+        b = tl.max(tl.where(above + hist >= need, bins, -1), axis=0).to(tl.int64)
+        above_b = tl.sum(tl.where(bins == b, above, 0), axis=0)
+        in_bin = tl.sum(tl.where(bins == b, hist, 0), axis=0)
+        width = hi - lo + 1
+        new_lo = lo + (b * width + NB - 1) // NB
+        new_hi = lo + ((b + 1) * width + NB - 1) // NB - 1
+        return new_lo, new_hi, need - above_b, in_bin
+
+    @triton.jit
+    def _score_kernel(q_ptr, k_ptr, len_ptr, s_ptr, bmax_ptr, N, M, stride_kl, stride_kn, per_split, n_blocks,
+                      D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BS: tl.constexpr, REDUCE_GROUP: tl.constexpr, DOT_FP32: tl.constexpr,
+                      HAS_LENGTHS: tl.constexpr):
+        """Scores of BLOCK_M query rows of one KV row against a span of keys, plus per-block maxima."""
+        pid, split = tl.program_id(0), tl.program_id(1)
+        m_blocks = tl.cdiv(M, BLOCK_M)
+        lead, mb = pid // m_blocks, pid % m_blocks
+        m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        dd = tl.arange(0, BLOCK_D)
+        m_ok = m < M
+        q = tl.load(q_ptr + (lead * M + m[:, None]).to(tl.int64) * D + dd[None, :],
+                    mask=m_ok[:, None] & (dd[None, :] < D), other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+        length = _row_length(len_ptr, lead, 1, N, HAS_LENGTHS)
+        key_base = k_ptr + lead.to(tl.int64) * stride_kl
+        start = split * per_split
+        for n0 in range(start, tl.minimum(start + per_split, N), BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            keys = tl.load(key_base + n[:, None].to(tl.int64) * stride_kn + dd[None, :],
+                           mask=(n[:, None] < N) & (dd[None, :] < D), other=0.0, eviction_policy="evict_first")
+            if DOT_FP32:
+                s = tl.dot(q, tl.trans(keys.to(tl.float32)), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(keys))
+            valid = n < length
+            blk = n0 // BS + tl.arange(0, BLOCK_N // BS)
+            if REDUCE_GROUP:
+                summed = tl.where(valid, tl.sum(tl.where(m_ok[:, None], s, 0.0), axis=0), float("-inf"))
+                tl.store(s_ptr + lead.to(tl.int64) * N + n, summed, mask=n < N)
+                bmax = tl.max(tl.reshape(summed, (BLOCK_N // BS, BS)), axis=1)
+                tl.store(bmax_ptr + lead.to(tl.int64) * n_blocks + blk, bmax, mask=blk < n_blocks)
+            else:
+                s = tl.where(valid[None, :], s, float("-inf"))
+                rows = (lead * M + m).to(tl.int64)
+                tl.store(s_ptr + rows[:, None] * N + n[None, :], s, mask=m_ok[:, None] & (n[None, :] < N))
+                bmax = tl.max(tl.reshape(s, (BLOCK_M, BLOCK_N // BS, BS)), axis=2)
+                tl.store(bmax_ptr + rows[:, None] * n_blocks + blk[None, :], bmax,
+                         mask=m_ok[:, None] & (blk[None, :] < n_blocks))
+
+    @triton.jit
+    def _threshold_kernel(bmax_ptr, len_ptr, thr_ptr, rowmax_ptr, counter_ptr, N, n_blocks, k, rows_per_kv,
+                          BS: tl.constexpr, NB: tl.constexpr, BLOCK_T: tl.constexpr, LEVELS: tl.constexpr,
+                          HAS_LENGTHS: tl.constexpr):
+        """A key v with >= min(k, length) block maxima >= v; also the row's largest key; zeroes the counter."""
+        row = tl.program_id(0)
+        tl.store(counter_ptr + row, 0)
+        length = _row_length(len_ptr, row, rows_per_kv, N, HAS_LENGTHS)
+        need = tl.minimum(k, length).to(tl.int64)
+        valid_blocks = tl.cdiv(length, BS)
+        base = bmax_ptr + row.to(tl.int64) * n_blocks
+        offs = tl.arange(0, BLOCK_T)
+        lo = tl.full((), 2147483647, tl.int64)
+        hi = tl.full((), -2147483648, tl.int64)
+        for i0 in range(0, valid_blocks, BLOCK_T):
+            ok = i0 + offs < valid_blocks
+            key = _ordered_key(tl.load(base + i0 + offs, mask=ok, other=0.0)).to(tl.int64)
+            lo = tl.minimum(lo, tl.min(tl.where(ok, key, 2147483647), axis=0))
+            hi = tl.maximum(hi, tl.max(tl.where(ok, key, -2147483648), axis=0))
+        tl.store(rowmax_ptr + row, hi.to(tl.int32))
+        found = (valid_blocks < need) | (need == 0)  # too few blocks to bound anything: take every valid key
+        lo = tl.where(found, -2147483648, lo)
+        for _ in tl.static_range(LEVELS):
+            if found == 0:
+                hist = tl.zeros((NB,), dtype=tl.int32)
+                for i0 in range(0, valid_blocks, BLOCK_T):
+                    ok = i0 + offs < valid_blocks
+                    key = _ordered_key(tl.load(base + i0 + offs, mask=ok, other=0.0)).to(tl.int64)
+                    ok = ok & (key >= lo) & (key <= hi)
+                    hist += tl.histogram(tl.where(ok, _bin_of(key, lo, hi, NB), 0), NB, mask=ok)
+                lo, hi, need, in_bin = _pick_bin(hist, lo, hi, need, NB)
+                found = (in_bin == need) | (lo == hi)
+        tl.store(thr_ptr + row, lo.to(tl.int32))
+
+    @triton.jit
+    def _collect_kernel(s_ptr, len_ptr, thr_ptr, counter_ptr, cand_ptr, N, per_split, rows_per_kv,
+                        BLOCK_C: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+        """Append (key << 32 | index) of every valid key scoring >= the row's threshold."""
+        row, split = tl.program_id(0), tl.program_id(1)
+        length = _row_length(len_ptr, row, rows_per_kv, N, HAS_LENGTHS)
+        threshold = tl.load(thr_ptr + row)
+        base = row.to(tl.int64) * N
+        start = split * per_split
+        for n0 in range(start, tl.minimum(start + per_split, length), BLOCK_C):
+            n = n0 + tl.arange(0, BLOCK_C)
+            ok = n < length
+            key = _ordered_key(tl.load(s_ptr + base + n, mask=ok, other=0.0))
+            take = ok & (key >= threshold)
+            count = tl.sum(take.to(tl.int32), axis=0)
+            first = tl.atomic_add(counter_ptr + row, count)
+            slot = first + tl.cumsum(take.to(tl.int32), axis=0) - 1
+            tl.store(cand_ptr + base + slot, (key.to(tl.int64) << 32) | n, mask=take)
+
+    @triton.jit
+    def _finalize_kernel(cand_ptr, counter_ptr, thr_ptr, rowmax_ptr, len_ptr, out_s_ptr, out_i_ptr, N, k,
+                         rows_per_kv, NB: tl.constexpr, BLOCK_F: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+        """Exact Top-k of the candidates: narrow [lo, hi] by histograms until the cut is known, then write."""
+        row = tl.program_id(0)
+        count = tl.load(counter_ptr + row)
+        length = _row_length(len_ptr, row, rows_per_kv, N, HAS_LENGTHS)
+        k_eff = tl.minimum(k, length)
+        base = row.to(tl.int64) * N
+        offs = tl.arange(0, BLOCK_F)
+        lo = tl.load(thr_ptr + row).to(tl.int64)
+        hi = tl.load(rowmax_ptr + row).to(tl.int64)
+        need = k_eff.to(tl.int64)
+        # phase 0 narrows on the score key; phase 1 breaks a tie at key == tie_key by lowest index (key2 = -index)
+        phase = tl.full((), 0, tl.int32)
+        tie_key = tl.full((), 0, tl.int64)
+        cut_key = lo - 1  # winners: key > cut_key, or key == cut_key and index <= cut_index
+        cut_index = tl.full((), -1, tl.int64)
+        done = need <= 0
+        steps = tl.full((), 0, tl.int32)
+        while (~done) & (steps < 80):
+            hist = tl.zeros((NB,), dtype=tl.int32)
+            for i0 in range(0, count, BLOCK_F):
+                packed = tl.load(cand_ptr + base + i0 + offs, mask=i0 + offs < count, other=0)
+                key = packed >> 32
+                sort_key = tl.where(phase == 0, key, -(packed & 0xFFFFFFFF))
+                ok = (i0 + offs < count) & ((phase == 0) | (key == tie_key)) & (sort_key >= lo) & (sort_key <= hi)
+                hist += tl.histogram(tl.where(ok, _bin_of(sort_key, lo, hi, NB), 0), NB, mask=ok)
+            new_lo, new_hi, need, in_bin = _pick_bin(hist, lo, hi, need, NB)
+            done = in_bin == need
+            tie = (~done) & (new_lo == new_hi) & (phase == 0)
+            cut_key = tl.where(done, tl.where(phase == 0, new_lo - 1, tie_key), cut_key)
+            cut_index = tl.where(done & (phase == 1), -new_lo, cut_index)
+            tie_key = tl.where(tie, new_lo, tie_key)
+            lo = tl.where(tie, -(N - 1), new_lo)
+            hi = tl.where(tie, 0, new_hi)
+            phase = tl.where(tie, 1, phase)
+            steps += 1
+        written = tl.full((), 0, tl.int32)
+        out_base = row.to(tl.int64) * k
+        for i0 in range(0, tl.where(k_eff > 0, count, 0), BLOCK_F):
+            packed = tl.load(cand_ptr + base + i0 + offs, mask=i0 + offs < count, other=0)
+            key = packed >> 32
+            index = packed & 0xFFFFFFFF
+            win = (i0 + offs < count) & ((key > cut_key) | ((key == cut_key) & (index <= cut_index)))
+            slot = written + tl.cumsum(win.to(tl.int32), axis=0) - 1
+            tl.store(out_s_ptr + out_base + slot, _key_to_float(key.to(tl.int32)), mask=win)
+            tl.store(out_i_ptr + out_base + slot, index, mask=win)
+            written += tl.sum(win.to(tl.int32), axis=0)
+        for j0 in range(k_eff, k, BLOCK_F):
+            pad = j0 + offs < k
+            tl.store(out_s_ptr + out_base + j0 + offs, float("-inf"), mask=pad)
+            tl.store(out_i_ptr + out_base + j0 + offs, -1, mask=pad)
