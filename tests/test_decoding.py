@@ -1,0 +1,297 @@
+"""Top-k decoding through transformers' attention registry: equivalences, state, padding, fidelity, errors."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from topklab.decoding.topk_attention import (
+    enable_topk_attention,
+    masked_topk_attention,
+    sparse_attention,
+    topk_attention,
+)
+from topklab.indexers.exact import Exact
+from topklab.models import TINY_FAMILIES, tiny_model
+
+pytest.importorskip("transformers")
+
+
+def _model(family: str = "llama"):
+    # Gemma3's first five layers are sliding-window ones; six layers give it one global layer to sparsify.
+    return tiny_model(family, layers=6 if family == "gemma3" else 2)
+
+
+def _prompt(length: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
+    return torch.randint(3, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _generate(model, ids, steps=8, **kwargs):
+    out = model.generate(ids, attention_mask=kwargs.pop("attention_mask", torch.ones_like(ids)), max_new_tokens=steps,
+                         min_new_tokens=steps, do_sample=False, pad_token_id=0, **kwargs)
+    return out[:, ids.shape[1]:]
+
+
+@dataclass(eq=False)
+class CountingExact(Exact):
+    """The exact indexer, counting build and add calls across all copies."""
+
+    calls = {"build": 0, "add": 0}
+
+    def _build(self, keys):
+        CountingExact.calls["build"] += 1
+        super()._build(keys)
+
+    def _add(self, keys):
+        CountingExact.calls["add"] += 1
+        super()._add(keys)
+
+
+@dataclass(eq=False)
+class HiddenExact(Exact):
+    """A stand-in for a learned hidden-state indexer: exact inner products between attention-input hidden states."""
+
+    source = "hidden"
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_k_at_least_context_reproduces_dense_generation(family):
+    model = _model(family)
+    ids = _prompt(24, seed=1)
+    dense = _generate(model, ids)
+    for per in ("head", "group", "layer"):
+        with topk_attention(model, "exact", k=64, per=per) as handle:
+            assert handle.sparse_layers  # something is actually patched
+            assert torch.equal(_generate(model, ids), dense), per
+
+
+def test_gemma3_sliding_layers_stay_dense():
+    model = _model("gemma3")
+    with topk_attention(model, "exact", k=4) as handle:
+        assert handle.sparse_layers == [5]
+
+
+@pytest.mark.parametrize("per", ["head", "group", "layer"])
+@pytest.mark.parametrize("k,sinks,window", [(5, 0, 0), (0.2, 2, 3)])
+def test_decode_steps_match_the_masked_reference(per, k, sinks, window):
+    """Decoding token by token through the indexer equals one masked pass over the whole sequence."""
+    from transformers import DynamicCache
+
+    model = _model("qwen3")
+    ids = _prompt(30, seed=2)
+    prompt, rest = ids[:, :20], ids[:, 20:]
+    options = dict(k=k, per=per, sinks=sinks, window=window, prefill="sparse")
+    with torch.no_grad(), topk_attention(model, "exact", **options):
+        reference = model(ids).logits[:, 20:]
+        cache = DynamicCache(config=model.config)
+        model(prompt, cache=cache)
+        stepped = torch.cat([model(rest[:, i : i + 1], cache=cache).logits for i in range(rest.shape[1])], 1)
+    torch.testing.assert_close(stepped, reference, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        plain = model(ids).logits[:, 20:]
+    assert (plain - reference).abs().max() > 1e-3, "small k should change the logits"
+
+
+def test_oracle_with_p_1_equals_exact():
+    model = _model("llama")
+    ids = _prompt(32, seed=3)
+    with topk_attention(model, "exact", k=6):
+        exact = _generate(model, ids, steps=10)
+    with topk_attention(model, "oracle:p=1", k=6):
+        oracle = _generate(model, ids, steps=10)
+    assert torch.equal(exact, oracle)
+    # sparse prefill: oracle goes position by position through the indexer, exact through the masked pass
+    with torch.no_grad():
+        with topk_attention(model, "exact", k=6, per="group", prefill="sparse"):
+            masked = model(ids).logits
+        with topk_attention(model, "oracle:p=1", k=6, per="group", prefill="sparse"):
+            stepwise = model(ids).logits
+    torch.testing.assert_close(stepwise, masked, rtol=1e-4, atol=1e-4)
+
+
+def test_small_k_changes_generation():
+    model = _model("llama")
+    ids = _prompt(48, seed=4)
+    kwargs = dict(output_logits=True, return_dict_in_generate=True)
+    dense = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0, **kwargs)
+    with topk_attention(model, "exact", k=2):
+        sparse = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0, **kwargs)
+    # the first token comes from the (dense) prefill; every later step decodes with Top-k
+    torch.testing.assert_close(sparse.logits[0], dense.logits[0])
+    assert (sparse.logits[1] - dense.logits[1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("per,prefill", [("head", "dense"), ("layer", "dense"), ("group", "sparse")])
+def test_left_padded_batch_equals_sequences_one_by_one(per, prefill):
+    model = _model("mistral")
+    lengths = [30, 22, 30, 17]
+    prompts = [_prompt(n, seed=10 + i)[0] for i, n in enumerate(lengths)]
+    width = max(lengths)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = 1
+    options = dict(k=0.25, per=per, sinks=1, window=2, prefill=prefill)
+    with topk_attention(model, "exact", **options):
+        batched = _generate(model, ids, steps=10, attention_mask=mask)
+        alone = [_generate(model, prompt[None], steps=10)[0] for prompt in prompts]
+    for row, tokens in enumerate(alone):
+        assert torch.equal(batched[row], tokens), f"sequence {row}"
+
+
+def test_context_restores_dense_attention():
+    model = _model("qwen2")
+    ids = _prompt(40, seed=5)
+    before = model.config._attn_implementation
+    dense = _generate(model, ids)
+    with topk_attention(model, "exact", k=2):
+        assert model.config._attn_implementation != before
+        assert not torch.equal(_generate(model, ids), dense)
+    assert model.config._attn_implementation == before
+    assert torch.equal(_generate(model, ids), dense)
+    handle = enable_topk_attention(model, "exact", k=2)
+    handle.restore()
+    handle.restore()  # idempotent
+    assert torch.equal(_generate(model, ids), dense)
+
+
+def test_indexer_is_built_once_then_extended():
+    model = _model("llama")
+    ids = _prompt(30, seed=6)
+    CountingExact.calls.update(build=0, add=0)
+    steps = 9
+    with topk_attention(model, CountingExact(), k=4) as handle:
+        _generate(model, ids, steps=steps)
+        layers = len(handle.sparse_layers)
+        # the prompt goes through dense prefill; the first decode step builds, each later one adds one key
+        assert CountingExact.calls == {"build": layers, "add": layers * (steps - 2)}
+        state = handle._states[handle.sparse_layers[0]]
+        assert state.indexers[0].n == ids.shape[1] + steps - 1
+        _generate(model, ids, steps=steps)  # a new sequence: a fresh index
+        assert CountingExact.calls == {"build": 2 * layers, "add": 2 * layers * (steps - 2)}
+
+
+def test_recorder_recall_is_one_for_exact_and_p_for_oracle():
+    model = _model("qwen3")
+    ids = _prompt(40, seed=7, batch=2)
+    steps, k = 6, 10
+    with topk_attention(model, "exact", k=k, record=True) as handle:
+        _generate(model, ids, steps=steps)
+    frame = handle.recorder.frame()
+    heads = model.config.num_attention_heads
+    assert len(frame) == (steps - 1) * 2 * heads * len(handle.sparse_layers)
+    assert set(frame.columns) >= {"step", "layer", "head", "kv_head", "seq", "indexer", "k", "context", "recall",
+                                  "mass_recall", "output_error"}
+    assert (frame.recall == 1.0).all()
+    torch.testing.assert_close(torch.tensor(frame.mass_recall.values), torch.tensor(frame.exact_mass_recall.values))
+    assert frame.context.tolist()[: heads] == [41] * heads and frame.kv_head.max() == model.config.num_key_value_heads - 1
+    with topk_attention(model, "oracle:p=0.6", k=k, per="group", record=True) as handle:
+        _generate(model, ids, steps=steps)
+    frame = handle.recorder.frame()
+    assert frame.recall.unique().tolist() == [pytest.approx(0.6)]
+    assert frame.mass_recall.mean() < frame.exact_mass_recall.mean()  # per group, single heads may do better
+    assert (frame.output_error > 0).all()
+
+
+def test_ratio_k_reads_as_a_share_of_the_context():
+    model = _model("llama")
+    ids = _prompt(40, seed=8)
+    with topk_attention(model, "exact", k=0.1, record=True) as handle:
+        _generate(model, ids, steps=4)
+    frame = handle.recorder.frame()
+    assert (frame.k == [math.ceil(0.1 * c) for c in frame.context]).all()
+
+
+def test_hidden_state_indexer_selects_per_layer():
+    model = _model("llama")
+    ids = _prompt(30, seed=9)
+    dense = _generate(model, ids)
+    with topk_attention(model, HiddenExact(), k=64) as handle:
+        assert handle.per == "layer"
+        assert torch.equal(_generate(model, ids), dense)
+    with topk_attention(model, HiddenExact(), k=3, record=True) as handle:
+        sparse = _generate(model, ids)
+        frame = handle.recorder.frame()
+        assert handle._states[0].indexers[0].n == ids.shape[1] + 7
+    assert not torch.equal(sparse, dense)
+    assert frame.recall.between(0, 1).all() and len(frame)
+    with pytest.raises(ValueError, match="per='layer'"):
+        topk_attention(model, HiddenExact(), k=3, per="head").__enter__()
+
+
+def test_sparse_attention_over_all_keys_is_dense_attention():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, 1, 16), torch.randn(2, 3, 20, 16), torch.randn(2, 3, 20, 16)
+    everything = torch.stack([torch.randperm(20) for _ in range(2 * 6)]).view(2, 3, 2, 1, 20)
+    padded = torch.cat([everything, torch.full((2, 3, 2, 1, 5), -1)], dim=-1)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True, scale=0.3).transpose(1, 2)
+    torch.testing.assert_close(sparse_attention(q, k, v, padded, 0.3), dense, rtol=1e-5, atol=1e-5)
+    causal = torch.ones(2, 1, 20, dtype=torch.bool)
+    torch.testing.assert_close(masked_topk_attention(q, k, v, causal, k=20, scale=0.3), dense, rtol=1e-5, atol=1e-5)
+
+
+def test_masked_reference_keeps_sinks_window_and_top_keys():
+    torch.manual_seed(1)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 12, 8)
+    v = torch.eye(12)[None, None, :, :]  # the output is the attention distribution itself
+    valid = torch.ones(1, 1, 12, dtype=torch.bool)
+    valid[..., :2] = False  # two padded keys
+    probs = masked_topk_attention(q, k, v, valid, k=3, sinks=1, window=2)[0, 0, 0]
+    scores = (q[0, 0, 0] @ k[0, 0].T).masked_fill(~valid[0, 0], -math.inf)
+    expected = set(scores.topk(3).indices.tolist()) | {2, 10, 11}
+    assert set(torch.nonzero(probs).flatten().tolist()) == expected
+
+
+def test_bad_configurations_raise_clear_errors():
+    model = _model("llama")
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        enable_topk_attention(model, k=0)
+    with pytest.raises(ValueError, match=r"ratio .* \(0, 1\]"):
+        enable_topk_attention(model, k=1.5)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        enable_topk_attention(model, k=0.0)
+    with pytest.raises(TypeError, match="k must be"):
+        enable_topk_attention(model, k=True)
+    with pytest.raises(ValueError, match=r"layer\(s\) \[7\]"):
+        enable_topk_attention(model, k=4, dense_layers=[0, 7])
+    with pytest.raises(ValueError, match="unknown indexer"):
+        enable_topk_attention(model, "nosuch:x=1", k=4)
+    with pytest.raises(ValueError, match="per must be"):
+        enable_topk_attention(model, k=4, per="token")
+    with pytest.raises(ValueError, match="prefill must be"):
+        enable_topk_attention(model, k=4, prefill="lazy")
+    with pytest.raises(ValueError, match="sinks must be"):
+        enable_topk_attention(model, k=4, sinks=-1)
+    with pytest.raises(ValueError, match="no entry for layer 1"):
+        enable_topk_attention(model, {0: "exact"}, k=4)
+    with pytest.raises(ValueError, match="does not dispatch attention"):
+        enable_topk_attention(torch.nn.Linear(2, 2), k=4)
+    assert model.config._attn_implementation == "sdpa"  # nothing stays patched after a failed setup
+
+
+def test_right_padding_is_rejected():
+    model = _model("llama")
+    ids = _prompt(20, seed=11, batch=2)
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0
+    with topk_attention(model, "exact", k=4), pytest.raises(ValueError, match="left padding"):
+        model(ids, attention_mask=mask)
+
+
+@pytest.mark.slow
+def test_smollm2_exact_topk_keeps_the_answer():
+    from topklab.models import load_model
+
+    model, tokenizer = load_model("smollm2")
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    dense = _generate(model, ids, steps=6)
+    with topk_attention(model, "exact", k=64):
+        assert torch.equal(_generate(model, ids, steps=6), dense)
+    with topk_attention(model, "exact", k=4, sinks=1, record=True) as handle:
+        sparse = _generate(model, ids, steps=6)
+    assert "Paris" in tokenizer.decode(sparse[0])
+    assert (handle.recorder.frame().recall == 1.0).all()

@@ -1,0 +1,451 @@
+"""Top-k attention for Hugging Face causal LMs: each decode step attends only to the keys an indexer selects.
+
+    with topk_attention(model, indexer="oracle:p=0.6", k=2048, per="group", sinks=4, window=64) as handle:
+        tokens = model.generate(...)
+    handle.recorder.frame()  # with record=True: recall@k and mass recall per step, layer, head, sequence
+
+How the options read:
+
+- ``k``: an int >= 1 is a count of keys; a float in (0, 1] is a ratio of the sequence's current context (its valid,
+  non-padding keys): k = ceil(ratio * context). Where k >= context every key is attended.
+- ``per``: ``"head"`` gives each query head its own Top-k; ``"group"`` one set per KV head, scored by the sum of its
+  query heads' scores (for q.k scorers: the summed query); ``"layer"`` one set for all heads of the layer, scored by
+  the sum over all heads (as DSA). An indexer with ``source = "hidden"`` scores hidden states and always selects
+  per layer (the default ``per=None`` picks "layer" for it and "head" otherwise).
+- ``sinks`` / ``window``: the first ``sinks`` and last ``window`` valid keys are always attended, in addition to
+  the k the indexer picks (a key in both counts once): at most k + sinks + window keys per query.
+- ``dense_layers``: layers left dense. Sliding-window layers (Gemma3's local layers) always stay dense: their cache
+  is a rolling window that an incrementally built index cannot follow.
+- ``prefill``: ``"dense"`` (the study's default) runs the prompt with dense attention; ``"sparse"`` applies causal
+  Top-k at every prompt position too (the exact indexer in one masked pass; other indexers position by position,
+  a slow reference).
+
+Indexers keep state per layer and per group of sequences sharing the same left padding (lead dims
+``[sequences, KV heads]``): built on the cache the first time a selection is needed, then extended with ``add``
+each decode step; rebuilt only when a new sequence starts. Padded keys are never candidates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from topklab.decoding.hf import attention_hook, attention_modules, check_supported, dense_attention
+from topklab.decoding.recorder import FidelityRecorder
+from topklab.indexers import Indexer, KeyBuffer, make
+from topklab.indexers.exact import exact_topk
+
+log = logging.getLogger(__name__)
+
+PER_CHOICES = ("head", "group", "layer")
+PREFILL_CHOICES = ("dense", "sparse")
+
+IndexerChoice = str | Indexer | Mapping[int, str | Indexer]
+
+
+def check_k(k: int | float) -> int | float:
+    """A count (int >= 1) or a ratio of the context (float in (0, 1])."""
+    if isinstance(k, bool) or not isinstance(k, (int, float)):
+        raise TypeError(f"k must be an int count or a float ratio in (0, 1], got {type(k).__name__} ({k!r})")
+    if isinstance(k, int) and k <= 0:
+        raise ValueError(f"k must be >= 1 keys, got k = {k}")
+    if isinstance(k, float) and not 0.0 < k <= 1.0:
+        raise ValueError(
+            f"a float k is a ratio of the context and must be in (0, 1], got k = {k}; pass an int for a key count"
+        )
+    return k
+
+
+def resolve_k(k: int | float, context: int) -> int:
+    """Keys to select from ``context`` valid keys: the count, or ceil(ratio * context); at least 1, at most context."""
+    count = k if isinstance(k, int) else math.ceil(k * context)
+    return max(1, min(count, context))
+
+
+@dataclass
+class _LayerState:
+    """One layer's indexers: ``starts`` = each sequence's first valid key, ``end`` = one past the newest key seen."""
+
+    starts: tuple[int, ...]
+    end: int
+    indexers: dict[int, Indexer] = field(default_factory=dict)  # group start -> index over keys [start, end)
+
+
+class TopkAttention:
+    """A model patched for Top-k attention; `restore()` (or leaving `topk_attention`) puts dense attention back."""
+
+    def __init__(self, model: torch.nn.Module, indexer: IndexerChoice = "exact", *, k: int | float = 2048,
+                 per: str | None = None, sinks: int = 0, window: int = 0, dense_layers: Sequence[int] = (),
+                 prefill: str = "dense", record: bool = False):
+        check_supported(model)
+        self.model = model
+        self.k = check_k(k)
+        for name, value in (("sinks", sinks), ("window", window)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        self.sinks, self.window = sinks, window
+        if prefill not in PREFILL_CHOICES:
+            raise ValueError(f"prefill must be one of {', '.join(PREFILL_CHOICES)}, got {prefill!r}")
+        self.prefill = prefill
+        modules = attention_modules(model)
+        unknown = sorted(set(dense_layers) - set(modules))
+        if unknown:
+            raise ValueError(f"dense_layers names layer(s) {unknown} but the model has layers {min(modules)}..{max(modules)}")
+        sliding = [i for i, module in modules.items() if getattr(module, "sliding_window", None)]
+        if sliding:
+            log.info("sliding-window layers %s stay dense (their cache is a rolling window)", sliding)
+        self.sparse_layers = [i for i in modules if i not in dense_layers and i not in sliding]
+        if not self.sparse_layers:
+            log.warning("every layer of %s is dense: Top-k attention changes nothing", type(model).__name__)
+        self._templates = {i: _template(indexer, i) for i in self.sparse_layers}
+        sources = {t.source for t in self._templates.values()} or {"qk"}
+        if len(sources) > 1:
+            raise ValueError(f"mixing indexer sources {sorted(sources)} across layers is not supported")
+        self.source = sources.pop()
+        if self.source not in ("qk", "hidden"):
+            raise ValueError(f"unknown indexer source {self.source!r}; expected 'qk' or 'hidden'")
+        self.per = per if per is not None else ("layer" if self.source == "hidden" else "head")
+        if self.per not in PER_CHOICES:
+            raise ValueError(f"per must be one of {', '.join(PER_CHOICES)}, got {self.per!r}")
+        if self.source == "hidden" and self.per != "layer":
+            raise ValueError("an indexer with source='hidden' selects one set per token for the whole layer: use per='layer'")
+        self._vectorised_prefill = self.source == "qk" and all(t.name == "exact" for t in self._templates.values())
+        self.recorder = FidelityRecorder() if record else None
+        self._states: dict[int, _LayerState] = {}
+        self._hidden: dict[int, KeyBuffer] = {}
+        self._hidden_now: dict[int, torch.Tensor] = {}
+        self._steps: dict[int, int] = {}
+        self._last_mask: tuple[torch.Tensor | None, tuple] = (None, ())
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(attention_hook(model, self._attend))
+        if self.source == "hidden":
+            for i in self.sparse_layers:
+                self._stack.callback(modules[i].register_forward_pre_hook(self._capture_hidden, with_kwargs=True).remove)
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def restore(self) -> None:
+        """Put the model's own attention back (idempotent)."""
+        self._stack.close()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget all indexer state (the next step rebuilds); recorded rows are kept."""
+        self._states.clear()
+        self._hidden.clear()
+        self._hidden_now.clear()
+        self._steps.clear()
+        self._last_mask = (None, ())
+
+    def __enter__(self) -> "TopkAttention":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+    # -- the attention function transformers calls -----------------------------------------------------------
+    def _attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        layer = module.layer_idx
+        if layer not in self._templates:
+            return dense_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        if kwargs.get("softcap") is not None:
+            raise ValueError("Top-k attention does not support attention logit soft-capping (softcap)")
+        q_len = query.shape[2]
+        starts, end = self._valid_range(attention_mask, key.shape[2], query.shape[0])
+        if end == q_len:  # nothing was cached before this call: a new sequence
+            self._states.pop(layer, None)
+            self._steps[layer] = 0
+        hidden = self._hidden_history(layer, q_len, end) if self.source == "hidden" else None
+        if q_len > 1 and self.prefill == "dense":
+            return dense_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        if q_len > 1:
+            return self._sparse_prefill(layer, query, key, value, starts, end, hidden, scale), None
+        out = self._step(layer, query, key, value, starts, end, hidden, scale, record=self.recorder is not None)
+        self._steps[layer] = self._steps.get(layer, 0) + 1
+        return out, None
+
+    def _valid_range(self, mask, kv_len: int, batch: int) -> tuple[tuple[int, ...], int]:
+        """(first valid key of each sequence, one past the newest key) from the mask of the last query position."""
+        if mask is None:
+            return (0,) * batch, kv_len
+        if mask is self._last_mask[0]:  # every layer of one forward pass gets the same mask
+            return self._last_mask[1]
+        row = mask[:, 0, -1, :kv_len]
+        if row.dtype != torch.bool:
+            row = row > torch.finfo(row.dtype).min / 2
+        row = row.expand(batch, -1).int()
+        counts, firsts, lasts = torch.stack([row.sum(-1), row.argmax(-1), kv_len - 1 - row.flip(-1).argmax(-1)]).tolist()
+        for seq, (count, first, last) in enumerate(zip(counts, firsts, lasts)):
+            if count == 0:
+                raise ValueError(f"sequence {seq} of the batch has no valid key at this step (an all-padding row?)")
+            if count != last - first + 1:
+                raise ValueError(
+                    f"sequence {seq}'s valid keys are not contiguous; Top-k attention supports left padding only "
+                    "(tokenizer.padding_side = 'left')"
+                )
+        if len(set(lasts)) > 1:
+            raise ValueError("the sequences of the batch end at different cache positions; use left padding")
+        result = (tuple(firsts), lasts[0] + 1)
+        self._last_mask = (mask, result)
+        return result
+
+    # -- hidden states for source="hidden" indexers ----------------------------------------------------------
+    def _capture_hidden(self, module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if hidden is None:
+            raise RuntimeError(f"found no hidden_states input to {type(module).__name__}; cannot feed a hidden-state indexer")
+        self._hidden_now[module.layer_idx] = hidden.detach()
+
+    def _hidden_history(self, layer: int, q_len: int, end: int) -> torch.Tensor:
+        """Attention-input hidden states of every cached token ``[B, end, D]`` (they are not in the KV cache)."""
+        current = self._hidden_now.pop(layer)
+        history = self._hidden.get(layer)
+        if end == q_len:
+            history = KeyBuffer(current)
+        elif history is None or history.n + q_len != end:
+            raise ValueError(
+                "a hidden-state indexer needs the hidden states of every cached token, but the cache holds tokens "
+                "seen outside topk_attention; enter the context before the prompt's prefill"
+            )
+        else:
+            history.append(current)
+        self._hidden[layer] = history
+        return history.data
+
+    # -- selection --------------------------------------------------------------------------------------------
+    def _queries(self, query: torch.Tensor, hidden: torch.Tensor | None, end: int) -> torch.Tensor:
+        """The indexer's queries: ``[B, Hkv, G*q, d]`` per head, ``[B, Hkv, q, d]`` per group, ``[B, 1, q, Hkv*d]``
+        per layer, ``[B, q, D]`` hidden states."""
+        batch, heads, q_len, dim = query.shape
+        if hidden is not None:
+            return hidden[:, end - q_len : end]
+        grouped = query.detach().view(batch, -1, heads // self._kv_heads, q_len, dim)
+        if self.per == "head":
+            return grouped.reshape(batch, self._kv_heads, -1, dim)
+        summed = grouped.float().sum(2).to(query.dtype)
+        return summed if self.per == "group" else summed.transpose(1, 2).flatten(2).unsqueeze(1)
+
+    def _vectors(self, key: torch.Tensor, hidden: torch.Tensor | None, rows, lo: int, hi: int) -> torch.Tensor:
+        """The indexed vectors of cache positions [lo, hi) for sequences ``rows``, laid out as `_queries`."""
+        if hidden is not None:
+            return hidden[rows, lo:hi]
+        part = key[rows, :, lo:hi].detach()
+        return part.transpose(1, 2).flatten(2).unsqueeze(1) if self.per == "layer" else part
+
+    def _to_heads(self, indices: torch.Tensor, groups: int, q_len: int) -> torch.Tensor:
+        """Selections ``[b, L, M, S]`` -> one per query head and position ``[b, Hkv, G, q, S]`` (views, no copies)."""
+        b, s = indices.shape[0], indices.shape[-1]
+        if self.per == "head":
+            return indices.view(b, self._kv_heads, groups, q_len, s)
+        if self.per == "group":
+            return indices.unsqueeze(2).expand(b, self._kv_heads, groups, q_len, s)
+        return indices.view(b, 1, 1, q_len, s).expand(b, self._kv_heads, groups, q_len, s)
+
+    def _step(self, layer, query, key, value, starts, end, hidden, scale, record: bool) -> torch.Tensor:
+        """Attention of one query position per sequence over its selection; ``key``/``value`` end at ``end``."""
+        batch, heads = query.shape[:2]
+        self._kv_heads = key.shape[1]
+        groups = heads // self._kv_heads
+        state = self._states.get(layer)
+        if state is None or state.starts != starts or state.end != end - 1:
+            state = _LayerState(starts, end - 1)
+        queries = self._queries(query, hidden, end)
+        picks = []
+        for start, rows, seqs in _groups(starts, query.device):
+            context = end - start
+            if context <= 0:  # a padding position of sparse prefill: nothing to attend to yet
+                picks.append((rows, queries.new_empty(0, dtype=torch.long)))
+                continue
+            k = resolve_k(self.k, context)
+            indexer = state.indexers.get(start)
+            if indexer is not None:
+                indexer.add(self._vectors(key, hidden, rows, end - 1, end))
+            if k >= context:
+                picks.append((rows, torch.arange(start, end, device=query.device)))
+                continue
+            if indexer is None:
+                indexer = state.indexers[start] = copy.deepcopy(self._templates[layer])
+                indexer.build(self._vectors(key, hidden, rows, start, end))
+            picked = indexer.search(queries[rows], k)
+            picked = _shift(picked.unsqueeze(1) if hidden is not None else picked, start)
+            attended = self._with_fixed(picked, start, end)
+            if record:
+                self._record(layer, seqs, rows, query, key, value, start, end, k, picked, attended, scale)
+            picks.append((rows, attended))
+        state.end = end
+        self._states[layer] = state
+        indices = _merge(picks, batch, (self._kv_heads if self.per != "layer" else 1, queries.shape[-2]))
+        return sparse_attention(query, key, value, self._to_heads(indices, groups, query.shape[2]), scale)
+
+    def _with_fixed(self, picked: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """The picks plus sinks and window, each key once (repeats become -1)."""
+        fixed = []
+        if self.sinks:
+            fixed.append(torch.arange(start, min(start + self.sinks, end), device=picked.device))
+        if self.window:
+            fixed.append(torch.arange(max(start, end - self.window), end, device=picked.device))
+        if fixed:
+            extra = torch.cat(fixed)
+            picked = torch.cat([picked, extra.expand(*picked.shape[:-1], extra.numel())], dim=-1)
+        ordered = picked.sort(dim=-1).values
+        repeat = torch.zeros_like(ordered, dtype=torch.bool)
+        repeat[..., 1:] = ordered[..., 1:] == ordered[..., :-1]
+        return ordered.masked_fill(repeat, -1)
+
+    def _record(self, layer, seqs, rows, query, key, value, start, end, k, picked, attended, scale) -> None:
+        """Compare this step's selection with exact Top-k chosen the same way (per head / group / layer)."""
+        exact = _shift(exact_topk(self._queries(query, None, end)[rows], self._vectors(key, None, rows, start, end), k)[1], start)
+        groups = query.shape[1] // self._kv_heads
+
+        def heads(indices):  # absolute [b, L, 1, S] -> relative to start, per query head [b, Hkv, G, S]
+            return _shift(self._to_heads(indices, groups, 1)[:, :, :, 0], -start)
+
+        q = query[rows][:, :, 0].view(-1, self._kv_heads, groups, query.shape[-1])
+        self.recorder.record(
+            step=self._steps.get(layer, 0), layer=layer, seqs=seqs, indexer=self._templates[layer].spec, per=self.per, k=k, q=q,
+            keys=key[rows, :, start:end], values=value[rows, :, start:end], picked=heads(picked),
+            attended=heads(attended), exact=heads(exact), exact_attended=heads(self._with_fixed(exact, start, end)),
+            scale=scale,
+        )
+
+    def _sparse_prefill(self, layer, query, key, value, starts, end, hidden, scale) -> torch.Tensor:
+        """Causal Top-k at every prompt position."""
+        q_len = query.shape[2]
+        if self._vectorised_prefill:
+            positions = torch.arange(end - q_len, end, device=query.device)[:, None]
+            keys = torch.arange(key.shape[2], device=query.device)
+            first = torch.tensor(starts, device=query.device)[:, None, None]
+            valid = (keys >= first) & (keys <= positions)
+            return masked_topk_attention(query, key, value, valid, k=self.k, per=self.per, sinks=self.sinks,
+                                         window=self.window, scale=scale)
+        outputs = []
+        for i in range(q_len):
+            stop = end - q_len + i + 1
+            outputs.append(self._step(layer, query[:, :, i : i + 1], key[:, :, :stop], value[:, :, :stop], starts,
+                                      stop, hidden, scale, record=False))
+        return torch.cat(outputs, dim=1)
+
+
+def _template(indexer: IndexerChoice, layer: int) -> Indexer:
+    """The (unbuilt) indexer to copy for ``layer``."""
+    if isinstance(indexer, Mapping):
+        if layer not in indexer:
+            raise ValueError(f"the indexer mapping has no entry for layer {layer}; add one or list it in dense_layers")
+        indexer = indexer[layer]
+    if isinstance(indexer, str):
+        return make(indexer)
+    if isinstance(indexer, Indexer):
+        return copy.deepcopy(indexer)
+    raise TypeError(f"indexer must be a spec string, an Indexer or a {{layer: spec or Indexer}} mapping, got {type(indexer).__name__}")
+
+
+def _groups(starts: tuple[int, ...], device) -> list[tuple[int, slice | torch.Tensor, list[int]]]:
+    """Sequences sharing a first valid key: (start, row selector, sequence numbers); one group without padding."""
+    distinct = sorted(set(starts))
+    if len(distinct) == 1:
+        return [(distinct[0], slice(None), list(range(len(starts))))]
+    out = []
+    for start in distinct:
+        seqs = [b for b, s in enumerate(starts) if s == start]
+        out.append((start, torch.tensor(seqs, device=device), seqs))
+    return out
+
+
+def _shift(indices: torch.Tensor, offset: int) -> torch.Tensor:
+    """Add ``offset`` to every index, leaving -1 (empty slot) as is."""
+    return torch.where(indices >= 0, indices + offset, indices)
+
+
+def _merge(picks, batch: int, lead: tuple[int, int]) -> torch.Tensor:
+    """Per-group selections -> one ``[B, L, M, S]`` tensor, padded with -1 (a 1-D pick is shared by all rows)."""
+    if len(picks) == 1 and picks[0][1].dim() == 4:
+        return picks[0][1]
+    width = max(1, max(p.shape[-1] for _, p in picks))
+    device = picks[0][1].device
+    out = torch.full((batch, *lead, width), -1, dtype=torch.long, device=device)
+    for rows, picked in picks:
+        out[rows, ..., : picked.shape[-1]] = picked
+    return out
+
+
+def sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, indices: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Attention over selected keys only, softmax renormalised over them.
+
+    query ``[B, Hq, q, d]``, key/value ``[B, Hkv, N, d]`` (query head h reads KV head h // G), indices
+    ``[B, Hkv, G, q, S]`` into N (-1 = empty slot; a query with no key gets a zero output). Returns
+    ``[B, q, Hq, d_v]`` as transformers' attention functions do.
+    """
+    batch, heads, q_len, dim = query.shape
+    kv_heads, dim_v = key.shape[1], value.shape[-1]
+    groups, width = heads // kv_heads, indices.shape[-1]
+    flat = indices.clamp_min(0).reshape(batch, kv_heads, -1, 1)
+    picked_keys = key.gather(2, flat.expand(-1, -1, -1, dim)).view(batch, kv_heads, groups, q_len, width, dim)
+    picked_values = value.gather(2, flat.expand(-1, -1, -1, dim_v)).view(batch, kv_heads, groups, q_len, width, dim_v)
+    grouped = query.view(batch, kv_heads, groups, q_len, 1, dim)
+    logits = (grouped.float() * picked_keys.float()).sum(-1) * scale
+    probs = torch.softmax(logits.masked_fill(indices < 0, -math.inf), dim=-1).nan_to_num(0.0)
+    out = (probs.unsqueeze(-1) * picked_values.float()).sum(-2)
+    return out.reshape(batch, heads, q_len, dim_v).transpose(1, 2).to(query.dtype).contiguous()
+
+
+def masked_topk_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor, *,
+                          k: int | float, per: str = "head", sinks: int = 0, window: int = 0,
+                          scale: float | None = None) -> torch.Tensor:
+    """Exact Top-k attention in one masked dense pass: the reference, and sparse prefill for the exact indexer.
+
+    query ``[B, Hq, T, d]``, key/value ``[B, Hkv, N, d]``, ``valid [B, T, N]`` the keys each query may see (causal
+    and padding). Each query attends to its k best valid keys (scored per head, group or layer as in
+    `TopkAttention`) plus the first ``sinks`` and last ``window`` valid ones. Differentiable in q, k, v.
+    Returns ``[B, T, Hq, d_v]``.
+    """
+    check_k(k)
+    if per not in PER_CHOICES:
+        raise ValueError(f"per must be one of {', '.join(PER_CHOICES)}, got {per!r}")
+    batch, heads, q_len, dim = query.shape
+    kv_heads, n = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    scale = dim**-0.5 if scale is None else scale
+    logits = torch.matmul(query.reshape(batch, kv_heads, groups * q_len, dim).float(), key.float().transpose(-1, -2))
+    logits = logits.view(batch, kv_heads, groups, q_len, n) * scale
+    score = {"head": logits, "group": logits.sum(2, keepdim=True), "layer": logits.sum((1, 2), keepdim=True)}[per]
+    visible = valid[:, None, None]
+    context = valid.sum(-1)  # [B, T]
+    counts = context.clamp_max(k) if isinstance(k, int) else torch.ceil(k * context).long().clamp(1).minimum(context)
+    widest = max(1, int(counts.max()))
+    top = score.detach().masked_fill(~visible, -math.inf).topk(min(widest, n), dim=-1).indices
+    keep = torch.arange(top.shape[-1], device=query.device) < counts[:, None, None, :, None]
+    chosen = torch.zeros(score.shape, dtype=torch.bool, device=query.device).scatter_(-1, top, keep.expand(top.shape))
+    rank = valid.cumsum(-1)  # 1-based rank among the valid keys
+    fixed = valid & ((rank <= sinks) | (rank > context[..., None] - window))
+    chosen = (chosen | fixed[:, None, None]) & visible
+    probs = torch.softmax(logits.masked_fill(~chosen, -math.inf), dim=-1).nan_to_num(0.0)
+    out = torch.matmul(probs, value.float().unsqueeze(2))
+    return out.reshape(batch, heads, q_len, value.shape[-1]).transpose(1, 2).to(query.dtype).contiguous()
+
+
+def enable_topk_attention(model: torch.nn.Module, indexer: IndexerChoice = "exact", **options) -> TopkAttention:
+    """Patch ``model`` for Top-k attention until `TopkAttention.restore` is called. Options: see the module doc."""
+    return TopkAttention(model, indexer, **options)
+
+
+@contextlib.contextmanager
+def topk_attention(model: torch.nn.Module, indexer: IndexerChoice = "exact", **options) -> Iterator[TopkAttention]:
+    """Within the context ``model`` decodes with Top-k attention; on exit its own attention is back."""
+    handle = enable_topk_attention(model, indexer, **options)
+    try:
+        yield handle
+    finally:
+        handle.restore()
+
+
+__all__ = [
+    "PER_CHOICES", "PREFILL_CHOICES", "TopkAttention", "check_k", "enable_topk_attention", "masked_topk_attention",
+    "resolve_k", "sparse_attention", "topk_attention",
+]
