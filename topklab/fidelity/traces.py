@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from topklab.io import atomic_write
 
 
 @dataclass
@@ -76,15 +77,7 @@ def save_trace(path, layers: dict[int, LayerTrace], input_ids: torch.Tensor, inf
         "info": info or {},
         "crc32": {name: _crc(t) for name, t in tensors.items()},
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata={"topklab": json.dumps(header)})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"topklab": json.dumps(header)}))
 
 
 class TraceFile:
@@ -133,6 +126,12 @@ class TraceFile:
     @property
     def length(self) -> int:
         return int(self.header["length"])
+
+    def verify(self) -> "TraceFile":
+        """Read every tensor once and check its checksum (raises TraceError on corruption)."""
+        for name in self.header["crc32"]:
+            self._tensor(name)
+        return self
 
     def input_ids(self) -> torch.Tensor:
         return self._tensor("input_ids")

@@ -1,0 +1,1 @@
+"""Analysis of tidy results: summaries and seaborn figures."""

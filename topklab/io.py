@@ -1,0 +1,44 @@
+"""Atomic result files: written to a temporary name in the same folder, then renamed, so a killed run never leaves
+a half-written file that a later run would trust."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+
+def atomic_write(path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_path)`` and move the result to ``path`` only if it succeeded."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def write_table(frame: pd.DataFrame, path) -> Path:
+    """Atomically write a DataFrame as parquet (``.parquet``) or CSV (``.csv``)."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        return atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
+    if path.suffix == ".csv":
+        return atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
+    raise ValueError(f"unsupported table format {path.suffix!r}: use .parquet or .csv")
+
+
+def read_table(path) -> pd.DataFrame:
+    path = Path(path)
+    return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+
+
+def write_text(text: str, path) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
