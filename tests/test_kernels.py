@@ -1,0 +1,261 @@
+"""The Triton kernels against their torch references, run on the CPU through Triton's interpreter.
+
+The ``kernels`` fixture re-imports the kernel modules under ``TRITON_INTERPRET=1`` (see run_on_interpreter). Shapes are small and odd;
+inputs are fresh random numbers, plus small-integer inputs whose dot products are exact so that ties, and the
+lower-index tie rule, can be checked exactly. The H100 runs the same comparisons at full size
+(tests/test_kernels_gpu.py).
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+from topklab.kernels.fp8_index import dequantize_fp8, hadamard_rotate, quantize_fp8
+
+triton = pytest.importorskip("triton")
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """The kernel modules with their Triton code on the interpreter (CPU tensors take the Triton path)."""
+    from topklab.kernels._triton import run_on_interpreter
+
+    with run_on_interpreter():
+        yield types.SimpleNamespace(**{name: sys.modules[f"topklab.kernels.{module}"] for name, module in
+                                       (("fp8", "fp8_index"), ("topk", "topk"), ("attention", "sparse_attention"))})
+
+
+def _randn(gen, *shape, dtype=torch.float32):
+    return torch.randn(*shape, generator=gen).to(dtype)
+
+
+def _small_ints(gen, *shape, dtype=torch.float32):
+    """Integers in [-2, 2]: every dot product is exact in any order, so ties are real ties."""
+    return torch.randint(-2, 3, shape, generator=gen).to(dtype)
+
+
+def _check_topk_close(got, ref, q, keys, lengths=None, per_kv_head=False):
+    """Same scores (to fp32 rounding) and an index set that differs from the reference only at near-ties."""
+    scores, indices = got
+    ref_scores, ref_indices = ref
+    assert scores.shape == ref_scores.shape and indices.dtype == torch.int64
+    scale = ref_scores[torch.isfinite(ref_scores)].abs().max().clamp(min=1.0)
+    finite = torch.isfinite(ref_scores)
+    assert torch.equal(finite, torch.isfinite(scores)), "padding (-inf / -1) differs from the reference"
+    assert torch.equal(indices < 0, ref_indices < 0)
+    torch.testing.assert_close(scores[finite], ref_scores[finite], rtol=0, atol=2e-5 * float(scale))
+    # every chosen index is valid, unique per row, and really scores at least the reference's k-th score
+    valid = indices >= 0
+    lead = indices.shape[:-1]
+    flat = indices.reshape(-1, indices.shape[-1])
+    for row in flat:
+        kept = row[row >= 0]
+        assert kept.unique().numel() == kept.numel(), "an index was selected twice"
+    exact = _exact_scores(q, keys, per_kv_head)  # fp64 [*lead, N]
+    exact = exact.reshape(*lead, -1)
+    chosen = torch.gather(exact, -1, indices.clamp(min=0))
+    kth = ref_scores.masked_fill(~finite, float("inf")).amin(dim=-1, keepdim=True).double()
+    assert bool((chosen[valid] >= (kth.expand_as(chosen)[valid] - 4e-5 * float(scale))).all())
+    if lengths is not None:
+        n_per_row = lengths.repeat_interleave(flat.shape[0] // lengths.shape[0]).view(*lead, 1)
+        assert bool((indices < n_per_row).all())
+
+
+def _exact_scores(q, keys, per_kv_head):
+    if q.dim() == keys.dim() - 1:
+        b, hq, d = q.shape
+        hkv = keys.shape[1]
+        q = q.reshape(b, hkv, hq // hkv, d)
+    scores = torch.matmul(q.double(), keys.double().transpose(-1, -2))
+    return scores.sum(dim=-2, keepdim=True) if per_kv_head else scores
+
+
+# ---------------------------------------------------------------------------------------------- FP8 index scoring
+def test_hadamard_is_orthonormal_and_keeps_dot_products(rng):
+    x = _randn(rng, 5, 64)
+    y = _randn(rng, 7, 64)
+    torch.testing.assert_close(hadamard_rotate(x) @ hadamard_rotate(y).T, x @ y.T, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(hadamard_rotate(hadamard_rotate(x)), x, rtol=1e-5, atol=1e-5)  # H is symmetric
+    with pytest.raises(ValueError, match="power of two"):
+        hadamard_rotate(_randn(rng, 3, 48))
+
+
+@pytest.mark.parametrize("pow2_scale", [False, True])
+def test_quantize_fp8_roundtrip(rng, pow2_scale):
+    x = _randn(rng, 3, 5, 256) * 7
+    x[0, 0, :128] = 0.0  # an all-zero block must stay safe
+    x_fp8, scale = quantize_fp8(x, block=128, pow2_scale=pow2_scale)
+    assert x_fp8.dtype == torch.float8_e4m3fn and scale.shape == (3, 5, 2) and scale.dtype == torch.float32
+    assert float(scale[0, 0, 0]) == 1.0 and bool((x_fp8[0, 0, :128].float() == 0).all())
+    if pow2_scale:
+        assert bool((torch.log2(scale) == torch.log2(scale).round()).all())
+    blocks = x.view(3, 5, 2, 128)
+    assert bool((blocks.abs().amax(-1) / scale <= 448.0 * (1 + 1e-6)).all())
+    err = (dequantize_fp8(x_fp8, scale) - x).view(3, 5, 2, 128).abs()
+    # e4m3: 3 mantissa bits (relative error <= 2^-4), subnormal step 2^-9 of the scale
+    bound = blocks.abs() * 2**-4 + scale.unsqueeze(-1) * 2**-9
+    assert bool((err <= bound + 1e-12).all())
+    with pytest.raises(ValueError, match="multiple of block"):
+        quantize_fp8(_randn(rng, 2, 96), block=128)
+
+
+def _fp8_inputs(gen, b, m, h, n, d):
+    q_fp8, q_scale = quantize_fp8(hadamard_rotate(_randn(gen, b, m, h, d)), block=d)
+    k_fp8, k_scale = quantize_fp8(hadamard_rotate(_randn(gen, b, n, d)), block=d)
+    weights = _randn(gen, b, m, h) * h**-0.5
+    return q_fp8, q_scale.squeeze(-1), k_fp8, k_scale.squeeze(-1), weights
+
+
+@pytest.mark.parametrize("b,m,h,n,d", [(2, 3, 5, 200, 64), (1, 9, 16, 130, 128), (3, 1, 4, 77, 32)])
+def test_fp8_index_scores_kernel_matches_reference(kernels, rng, b, m, h, n, d):
+    args = _fp8_inputs(rng, b, m, h, n, d)
+    got = kernels.fp8.fp8_index_scores(*args)
+    ref = kernels.fp8.fp8_index_scores_reference(*args)
+    assert got.shape == (b, m, n) and got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    # and the reference itself is the formula, computed independently in fp64
+    q_fp8, q_scale, k_fp8, k_scale, w = args
+    dots = torch.einsum("bmhd,bnd->bmhn", q_fp8.double(), k_fp8.double())
+    formula = (w.double()[..., None] * torch.relu(dots * q_scale.double()[..., None] * k_scale.double()[:, None, None])).sum(2)
+    torch.testing.assert_close(ref.double(), formula, rtol=1e-5, atol=1e-5 * float(formula.abs().max()))
+
+
+def test_fp8_index_scores_rejects_bad_input(rng):
+    q_fp8, q_scale, k_fp8, k_scale, w = _fp8_inputs(rng, 1, 2, 4, 10, 64)
+    from topklab.kernels.fp8_index import fp8_index_scores_reference
+
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        fp8_index_scores_reference(q_fp8.float(), q_scale, k_fp8, k_scale, w)
+    with pytest.raises(ValueError, match="d <= 128"):
+        big = quantize_fp8(_randn(rng, 1, 2, 4, 256), block=256)[0]
+        fp8_index_scores_reference(big, q_scale, quantize_fp8(_randn(rng, 1, 10, 256), block=256)[0], k_scale, w)
+    with pytest.raises(ValueError, match="weights must have shape"):
+        fp8_index_scores_reference(q_fp8, q_scale, k_fp8, k_scale, w[:, :1])
+
+
+# ---------------------------------------------------------------------------------------------- exact Top-k
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,hq,hkv,n,d,k", [
+    (2, 8, 2, 1000, 64, 37),     # GQA, odd N and k
+    (1, 3, 3, 333, 48, 333),     # k = N, non-power-of-two d
+    (2, 4, 1, 777, 32, 1),       # k = 1
+    (1, 4, 2, 4100, 64, 16),     # large blocks of keys (block maxima over 64 keys), several programs per row
+])
+def test_topk_kernel_matches_reference(kernels, rng, dtype, b, hq, hkv, n, d, k):
+    q, keys = _randn(rng, b, hq, d, dtype=dtype), _randn(rng, b, hkv, n, d, dtype=dtype)
+    got = kernels.topk.topk(q, keys, k)
+    ref = kernels.topk.topk_reference(q, keys, k)
+    assert got[0].shape == (b, hq, k)
+    _check_topk_close(got, ref, q, keys)
+
+
+@pytest.mark.parametrize("per_kv_head", [False, True])
+def test_topk_with_lengths_and_shared_selection(kernels, rng, per_kv_head):
+    b, hq, hkv, n, d, k = 3, 8, 2, 600, 64, 50
+    q, keys = _randn(rng, b, hq, d, dtype=torch.bfloat16), _randn(rng, b, hkv, n, d, dtype=torch.bfloat16)
+    lengths = torch.tensor([600, 31, 257])  # the second sequence is shorter than k: padded with -1 / -inf
+    got = kernels.topk.topk(q, keys, k, lengths=lengths, per_kv_head=per_kv_head)
+    ref = kernels.topk.topk_reference(q, keys, k, lengths=lengths, per_kv_head=per_kv_head)
+    assert got[1].shape == (b, hkv if per_kv_head else hq, k)
+    assert bool((got[1][1, :, 31:] == -1).all()) and bool((got[1][1, :, :31] >= 0).all())
+    _check_topk_close(got, ref, q, keys, lengths=lengths, per_kv_head=per_kv_head)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", [(500, 1), (500, 123), (2048, 300), (64, 64)])
+def test_topk_ties_break_to_lower_index_exactly(kernels, rng, dtype, n, k):
+    q, keys = _small_ints(rng, 2, 4, 16, dtype=dtype), _small_ints(rng, 2, 2, n, 16, dtype=dtype)
+    keys[:, :, n // 2:] = keys[:, :, : n - n // 2]  # duplicated keys: many exact ties
+    got = kernels.topk.topk(q, keys, k)
+    ref = kernels.topk.topk_reference(q, keys, k)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+def test_topk_all_scores_equal_takes_the_first_k(kernels, rng):
+    keys = _randn(rng, 1, 1, 1, 32).expand(1, 1, 300, 32).contiguous()
+    q = _randn(rng, 1, 2, 32)
+    scores, indices = kernels.topk.topk(q, keys, 40)
+    assert torch.equal(indices, torch.arange(40).expand(1, 2, 40))
+
+
+def test_topk_folded_queries_and_unsorted_output(kernels, rng):
+    q, keys = _randn(rng, 2, 3, 5, 32), _randn(rng, 2, 3, 400, 32)  # [*, M, d] with [*, N, d]
+    ref = kernels.topk.topk_reference(q, keys, 20)
+    got = kernels.topk.topk(q, keys, 20)
+    _check_topk_close(got, ref, q, keys)
+    unsorted_scores, unsorted_idx = kernels.topk.topk(q, keys, 20, sorted=False)
+    assert torch.equal(unsorted_idx.sort(-1).values, got[1].sort(-1).values)
+
+
+def test_topk_rejects_bad_input(rng):
+    from topklab.kernels.topk import topk
+
+    q, keys = _randn(rng, 1, 4, 32), _randn(rng, 1, 2, 50, 32)
+    with pytest.raises(ValueError, match=r"k must be in \[1, N\]"):
+        topk(q, keys, 51)
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        topk(_randn(rng, 1, 3, 32), keys, 5)
+    with pytest.raises(ValueError, match="head dim"):
+        topk(_randn(rng, 1, 4, 16), keys, 5)
+    with pytest.raises(ValueError, match="lengths"):
+        topk(q, keys, 5, lengths=torch.tensor([3, 4]))
+
+
+# ---------------------------------------------------------------------------------------------- sparse attention
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shared", [False, True])
+def test_sparse_decode_attention_matches_reference(kernels, rng, dtype, shared):
+    b, hq, hkv, n, d, k = 2, 8, 2, 300, 48, 70
+    q = _randn(rng, b, hq, d, dtype=dtype)
+    keys, values = _randn(rng, b, hkv, n, d, dtype=dtype), _randn(rng, b, hkv, n, d, dtype=dtype)
+    indices = torch.randint(-1, n, (b, hkv if shared else hq, k), generator=rng)
+    indices[0, 0] = -1  # a row that selects nothing attends to nothing
+    got = kernels.attention.sparse_decode_attention(q, keys, values, indices)
+    ref = kernels.attention.sparse_decode_attention_reference(q, keys, values, indices)
+    assert got.shape == (b, hq, d) and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol)
+    group = hq // hkv if shared else 1
+    assert bool((got[0, :group] == 0).all())
+
+
+def test_sparse_reference_is_masked_dense_softmax(rng):
+    """The reference equals dense softmax attention with every unselected key masked."""
+    from topklab.kernels.sparse_attention import sparse_decode_attention_reference
+
+    b, hq, hkv, n, d, k = 1, 4, 2, 50, 16, 9
+    q, keys, values = _randn(rng, b, hq, d), _randn(rng, b, hkv, n, d), _randn(rng, b, hkv, n, d)
+    indices = torch.stack([torch.randperm(n, generator=rng)[:k] for _ in range(hq)]).view(b, hq, k)
+    kv = torch.arange(hq) // (hq // hkv)
+    scores = torch.einsum("hd,hnd->hn", q[0].double(), keys[0, kv].double()) * d**-0.5
+    mask = torch.full_like(scores, float("-inf")).scatter(1, indices[0], 0.0)
+    dense = torch.einsum("hn,hnd->hd", torch.softmax(scores + mask, dim=-1), values[0, kv].double())
+    torch.testing.assert_close(sparse_decode_attention_reference(q, keys, values, indices)[0].double(), dense,
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("per_kv_head", [False, True])
+def test_topk_attention_select_and_attend(kernels, rng, per_kv_head):
+    b, hq, hkv, n, d, k = 2, 4, 2, 500, 32, 40
+    q = _randn(rng, b, hq, d, dtype=torch.float16)
+    keys, values = _randn(rng, b, hkv, n, d, dtype=torch.float16), _randn(rng, b, hkv, n, d, dtype=torch.float16)
+    lengths = torch.tensor([500, 25])
+    got = kernels.attention.topk_attention(q, keys, values, k, lengths=lengths, per_kv_head=per_kv_head)
+    ref = kernels.attention.topk_attention_reference(q, keys, values, k, lengths=lengths, per_kv_head=per_kv_head)
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2e-3, atol=2e-3)
+
+
+def test_sparse_attention_rejects_bad_indices(rng):
+    from topklab.kernels.sparse_attention import sparse_decode_attention
+
+    q, keys = _randn(rng, 1, 4, 16), _randn(rng, 1, 2, 20, 16)
+    with pytest.raises(ValueError, match=r"\[B, Hq, k\]"):
+        sparse_decode_attention(q, keys, keys, torch.zeros(1, 3, 5, dtype=torch.int64))
+    with pytest.raises(TypeError, match="int32/int64"):
+        sparse_decode_attention(q, keys, keys, torch.zeros(1, 4, 5))
