@@ -123,7 +123,7 @@ class TopkAttention:
         self._steps: dict[int, int] = {}
         self._last_mask: tuple[torch.Tensor | None, tuple] = (None, ())
         self._stack = contextlib.ExitStack()
-        self._stack.enter_context(attention_hook(model, self._attend))
+        self._stack.enter_context(attention_hook(model, self.attention))
         if self.source == "hidden":
             for i in self.sparse_layers:
                 self._stack.callback(modules[i].register_forward_pre_hook(self._capture_hidden, with_kwargs=True).remove)
@@ -149,7 +149,8 @@ class TopkAttention:
         self.restore()
 
     # -- the attention function transformers calls -----------------------------------------------------------
-    def _attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        """The attention function transformers calls for every layer (registered while the handle is active)."""
         layer = module.layer_idx
         if layer not in self._templates:
             return dense_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
