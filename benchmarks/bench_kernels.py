@@ -1,0 +1,187 @@
+"""Benchmark the Triton kernels against the plain torch way and the memory floor, in one run on one GPU.
+
+Exact Top-k (one decode step, 32 query heads over 8 KV heads, d = 128, bf16): N in {8K, 32K, 128K, 512K}, k in
+{64, 2048, N/16}, batch 1 and 16. Ours vs q.K^T + torch.topk, and vs the floor: K's bytes at the copy bandwidth
+measured in the same run (bytes read + written by a large device copy). Select + attend vs dense SDPA decode on the
+same cache. FP8 index scoring vs its floor (the larger of the memory and the FP8 tensor-core floors).
+
+Each time is the median replay of a CUDA graph (a decode loop captures its step; launch gaps stay out), over
+enough copies of the inputs to exceed the L2 cache. Eager times (Python launch included) are listed for Top-k.
+
+    PYTHONPATH=. python3 benchmarks/bench_kernels.py --out benchmarks/out.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import statistics
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from topklab.kernels import fp8_index_scores, hadamard_rotate, quantize_fp8, topk, topk_attention
+
+HQ, HKV, D = 32, 8, 128
+L2_BYTES = 50 * 2**20
+
+
+def graph_time(fn, sets, reps: int = 20) -> float:
+    """Seconds per call: a CUDA graph runs fn over every input set once; median replay / len(sets)."""
+    for args in sets:  # compile and allocate outside the graph
+        fn(*args)
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for args in sets:
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for args in sets:
+            fn(*args)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del graph
+    return statistics.median(times) / len(sets)
+
+
+def eager_time(fn, args) -> float:
+    return triton.testing.do_bench(lambda: fn(*args), warmup=25, rep=100, return_mode="median") / 1e3
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a 2 GiB device-to-device copy."""
+    src = torch.randn(2**29, device="cuda")
+    dst = torch.empty_like(src)
+    seconds = graph_time(lambda: dst.copy_(src), [()])
+    return 2 * src.numel() * src.element_size() / seconds
+
+
+def fp8_peak() -> float:
+    """FP8 tensor-core FLOP/s of a large torch._scaled_mm (the compute floor of index scoring)."""
+    n = 8192
+    a = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn).t()
+    one = torch.ones((), device="cuda")
+    seconds = graph_time(lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16), [()])
+    return 2 * n**3 / seconds
+
+
+def n_sets(bytes_per_set: int) -> int:
+    return max(1, min(8, math.ceil(4 * L2_BYTES / bytes_per_set)))
+
+
+def plain_topk(q, keys, k):
+    """The plain way: bf16 q.K^T per KV group, then torch.topk."""
+    b = q.shape[0]
+    scores = torch.matmul(q.view(b, HKV, HQ // HKV, D), keys.transpose(-1, -2))
+    return torch.topk(scores, k, dim=-1)
+
+
+def dense_decode(q, keys, values):
+    return F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, enable_gqa=True)
+
+
+def bench_topk(bw: float, batches, lengths_n, rows: list[str]) -> None:
+    for batch in batches:
+        for n in lengths_n:
+            key_bytes = batch * HKV * n * D * 2
+            sets = [(torch.randn(batch, HQ, D, device="cuda", dtype=torch.bfloat16),
+                     torch.randn(batch, HKV, n, D, device="cuda", dtype=torch.bfloat16))
+                    for _ in range(n_sets(key_bytes))]
+            floor = key_bytes / bw
+            for k in sorted({64, 2048, n // 16}):
+                ours = graph_time(lambda q, keys: topk(q, keys, k, sorted=False), sets)
+                ours_sorted = graph_time(lambda q, keys: topk(q, keys, k, sorted=True), sets)
+                plain = graph_time(lambda q, keys: plain_topk(q, keys, k), sets)
+                eager = eager_time(lambda q, keys: topk(q, keys, k, sorted=False), sets[0])
+                rows.append(f"| {batch} | {n // 1024}K | {k} | {floor * 1e6:.1f} | {ours * 1e6:.1f} | "
+                            f"{ours / floor:.2f} | {ours_sorted * 1e6:.1f} | {eager * 1e6:.1f} | {plain * 1e6:.1f} | "
+                            f"{plain / ours:.2f} |")
+                print(rows[-1], flush=True)
+            del sets
+            torch.cuda.empty_cache()
+
+
+def bench_attention(bw: float, batches, lengths_n, k: int, rows: list[str]) -> None:
+    for batch in batches:
+        for n in lengths_n:
+            kv_bytes = 2 * batch * HKV * n * D * 2
+            sets = [(torch.randn(batch, HQ, D, device="cuda", dtype=torch.bfloat16),
+                     torch.randn(batch, HKV, n, D, device="cuda", dtype=torch.bfloat16),
+                     torch.randn(batch, HKV, n, D, device="cuda", dtype=torch.bfloat16))
+                    for _ in range(n_sets(kv_bytes))]
+            dense = graph_time(dense_decode, sets)
+            per_q = graph_time(lambda q, keys, values: topk_attention(q, keys, values, k), sets)
+            per_kv = graph_time(lambda q, keys, values: topk_attention(q, keys, values, k, per_kv_head=True), sets)
+            rows.append(f"| {batch} | {n // 1024}K | {k} | {kv_bytes / bw * 1e6:.1f} | {dense * 1e6:.1f} | "
+                        f"{per_q * 1e6:.1f} | {per_q / dense:.2f} | {per_kv * 1e6:.1f} | {per_kv / dense:.2f} |")
+            print(rows[-1], flush=True)
+            del sets
+            torch.cuda.empty_cache()
+
+
+def bench_fp8(bw: float, peak: float, rows: list[str]) -> None:
+    heads = 64
+    for batch, m, n in ((16, 1, 32768), (16, 1, 131072), (16, 4, 131072), (64, 1, 65536)):
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q_fp8, q_scale = quantize_fp8(hadamard_rotate(torch.randn(batch, m, heads, D, device="cuda", generator=gen)))
+        k_fp8, k_scale = quantize_fp8(hadamard_rotate(torch.randn(batch, n, D, device="cuda", generator=gen)))
+        weights = torch.randn(batch, m, heads, device="cuda", generator=gen)
+        args = (q_fp8, q_scale[..., 0], k_fp8, k_scale[..., 0], weights)
+        moved = batch * n * (D + 4) + batch * m * n * 4 + batch * m * heads * (D + 8)
+        floor = max(moved / bw, 2 * batch * m * heads * n * D / peak)
+        ours = graph_time(fp8_index_scores, [args])
+        rows.append(f"| {batch} | {m} | {heads} | {n // 1024}K | {moved / bw * 1e6:.1f} | "
+                    f"{2 * batch * m * heads * n * D / peak * 1e6:.1f} | {ours * 1e6:.1f} | {ours / floor:.2f} |")
+        print(rows[-1], flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="write the markdown tables here")
+    parser.add_argument("--quick", action="store_true", help="batch 1, N <= 128K only")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    bw, peak = copy_bandwidth(), fp8_peak()
+    card = torch.cuda.get_device_name()
+    header = [f"Card: {card}; {datetime.date.today().isoformat()}; torch {torch.__version__}, triton "
+              f"{triton.__version__}; copy bandwidth {bw / 1e12:.2f} TB/s (read + write); FP8 matmul "
+              f"{peak / 1e12:.0f} TFLOP/s.", ""]
+    batches = (1,) if args.quick else (1, 16)
+    lengths_n = (8192, 32768, 131072) if args.quick else (8192, 32768, 131072, 524288)
+    topk_rows = ["| batch | N | k | K-read floor us | ours us | ours/floor | ours sorted us | ours eager us | "
+                 "q.K^T+torch.topk us | torch/ours |", "|---|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(header + topk_rows), flush=True)
+    bench_topk(bw, batches, lengths_n, topk_rows)
+    attn_rows = ["| batch | N | k | K+V floor us | dense SDPA us | select+attend (per q head) us | /SDPA | "
+                 "select+attend (per KV head) us | /SDPA |", "|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(attn_rows), flush=True)
+    bench_attention(bw, batches, lengths_n, 2048, attn_rows)
+    fp8_rows = ["| batch | M | index heads | N | memory floor us | FP8 compute floor us | ours us | ours/floor |",
+                "|---|---|---|---|---|---|---|---|"]
+    print("\n".join(fp8_rows), flush=True)
+    bench_fp8(bw, peak, fp8_rows)
+    text = "\n".join(header + ["Exact Top-k (one decode step, 32 q heads / 8 KV heads, d=128, bf16):", ""] + topk_rows
+                     + ["", "Select + attend, k = 2048:", ""] + attn_rows + ["", "FP8 index scoring, d = 128:", ""]
+                     + fp8_rows) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
