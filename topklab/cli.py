@@ -1,4 +1,4 @@
-"""The `topklab` command line: `topklab recall` (the main job) and `topklab indexers` (what is registered)."""
+"""The `topklab` command line: `recall` (the main job), `generate`, and `indexers` (what is registered)."""
 
 from __future__ import annotations
 
@@ -69,12 +69,20 @@ def _run_indexers(args) -> int:
     return 0
 
 
+def _add_generate(sub) -> None:
+    from topklab.decoding.generate import add_generate_arguments, run_generate
+
+    p = sub.add_parser("generate", help="generate text with Top-k attention chosen by any indexer")
+    add_generate_arguments(p)
+    p.set_defaults(run=run_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="topklab", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_recall(sub)
-    _add_indexers(sub)
+    for add in (_add_recall, _add_generate, _add_indexers):
+        add(sub)
     return parser
 
 
