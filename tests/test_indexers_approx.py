@@ -24,11 +24,12 @@ FAISS_FAMILIES = ("ivf", "ivfpq", "hnsw")
 
 
 def planted(rng, lead=(), n=N, m=32, d=D, clusters=32):
-    """Keys around ``clusters`` random centres; each query is a noisy copy of a random key."""
+    """Keys around ``clusters`` random centres, with norms spread over [0.5, 1.5] x (so the inner-product and the L2
+    neighbours differ, as in attention); each query is a noisy copy of a random key."""
     centres = torch.randn(*lead, clusters, d, generator=rng)
     member = torch.randint(clusters, (*lead, n), generator=rng)
     keys = centres.gather(-2, member.unsqueeze(-1).expand(*lead, n, d))
-    keys = keys + 0.5 * torch.randn(*lead, n, d, generator=rng)
+    keys = (keys + 0.5 * torch.randn(*lead, n, d, generator=rng)) * (0.5 + torch.rand(*lead, n, 1, generator=rng))
     near = torch.randint(n, (*lead, m), generator=rng)
     queries = keys.gather(-2, near.unsqueeze(-1).expand(*lead, m, d)) + 0.3 * torch.randn(*lead, m, d, generator=rng)
     return keys, queries
@@ -125,6 +126,33 @@ def test_reranking_every_key_is_exact(rng, spec):
     keys, queries = planted(rng)
     got = make(spec).build(keys).search(queries, K)  # 16 * 64 = N candidates: all keys re-scored exactly
     assert torch.equal(got, exact_topk(queries, keys, K)[1])
+
+
+@pytest.mark.parametrize("rerank", [0, 2])
+def test_lsh_collisions_return_only_colliding_keys(rng, rerank):
+    """With 16-bit buckets in one table few keys share the query's bucket: the rest of the slots are -1."""
+    keys, queries = planted(rng)
+    indexer = make(f"lsh:tables=1,bits=16,rank=collisions,rerank={rerank}").build(keys)
+    pred = indexer.search(queries, K)
+    found = pred >= 0
+    assert 0 < int(found.sum()) < pred.numel()
+    if rerank:
+        assert int(found.sum()) == indexer.cost.keys_scored * queries.shape[-2]
+    planes = torch.randn(1, 16, D, generator=torch.Generator().manual_seed(0)).reshape(16, D)  # lsh's, seed 0
+
+    def bucket(x):
+        return ((x @ planes.T) > 0).long() @ (2 ** torch.arange(16))
+
+    for q, row, ok in zip(queries, pred, found):
+        assert bool((bucket(keys[row[ok]]) == bucket(q)).all())
+
+
+def test_scale_granularity_follows_the_outliers(rng):
+    """A key with a huge norm: per-token scales keep the other keys' precision, per-channel scales lose it."""
+    keys, queries = planted(rng)
+    keys[7] *= 1000
+    recall = {scale: run(f"quant:dtype=int4,scale={scale}", keys, queries)[0] for scale in ("token", "channel")}
+    assert recall["token"] > 0.9 and recall["channel"] < recall["token"] - 0.2, recall
 
 
 def test_ivf_cost_counts_what_faiss_scans(rng):
