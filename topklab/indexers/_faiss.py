@@ -95,7 +95,8 @@ class FaissIndexer(Indexer):
         if device.type != "cuda":
             return None
         if not hasattr(self._faiss, "StandardGpuResources") or self._faiss.get_num_gpus() == 0:
-            log.info("%s: keys are on %s but this FAISS has no GPU support; the index runs on the CPU", self.spec, device)
+            log.info("%s: keys are on %s but this FAISS has no GPU support; the index runs on the CPU",
+                     self.spec, device)
             return None
         return self._faiss.StandardGpuResources()
 

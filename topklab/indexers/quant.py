@@ -117,8 +117,8 @@ class Quant(StoredKeysIndexer):
         approx = exact_scores(queries_scored, self._quantized.data)
         keys = self.keys.data
         found, scored = top_k_reranked(approx, queries, keys, k, self.rerank)
-        self._charge(bytes_read=self._index_bytes(self.n) / self._lead.numel() + scored * self._dim * keys.element_size(),
-                     keys_scored=scored)
+        codes_and_scales = self._index_bytes(self.n) / self._lead.numel()
+        self._charge(bytes_read=codes_and_scales + scored * self._dim * keys.element_size(), keys_scored=scored)
         return found
 
     def _index_bytes(self, n: int) -> int:
