@@ -11,7 +11,6 @@ import torch
 from topklab.decoding.topk_attention import (
     enable_topk_attention,
     masked_topk_attention,
-    sparse_attention,
     topk_attention,
 )
 from topklab.indexers.exact import Exact
@@ -223,15 +222,14 @@ def test_hidden_state_indexer_selects_per_layer():
         topk_attention(model, HiddenExact(), k=3, per="head").__enter__()
 
 
-def test_sparse_attention_over_all_keys_is_dense_attention():
+def test_masked_reference_over_all_keys_is_dense_attention():
     torch.manual_seed(0)
-    q, k, v = torch.randn(2, 6, 1, 16), torch.randn(2, 3, 20, 16), torch.randn(2, 3, 20, 16)
-    everything = torch.stack([torch.randperm(20) for _ in range(2 * 6)]).view(2, 3, 2, 1, 20)
-    padded = torch.cat([everything, torch.full((2, 3, 2, 1, 5), -1)], dim=-1)
+    q, k, v = torch.randn(2, 6, 3, 16), torch.randn(2, 3, 20, 16), torch.randn(2, 3, 20, 16)
     dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True, scale=0.3).transpose(1, 2)
-    torch.testing.assert_close(sparse_attention(q, k, v, padded, 0.3), dense, rtol=1e-5, atol=1e-5)
-    causal = torch.ones(2, 1, 20, dtype=torch.bool)
-    torch.testing.assert_close(masked_topk_attention(q, k, v, causal, k=20, scale=0.3), dense, rtol=1e-5, atol=1e-5)
+    everything = torch.ones(2, 3, 20, dtype=torch.bool)
+    for per in ("head", "group", "layer"):
+        out = masked_topk_attention(q, k, v, everything, k=20, per=per, scale=0.3)
+        torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
 
 
 def test_masked_reference_keeps_sinks_window_and_top_keys():

@@ -36,10 +36,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from topklab import kernels
 from topklab.decoding.hf import attention_hook, attention_modules, check_supported, dense_attention
 from topklab.decoding.recorder import FidelityRecorder
 from topklab.indexers import Indexer, KeyBuffer, make
-from topklab.indexers.exact import exact_topk
+from topklab.indexers.exact import Exact, exact_topk
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,8 @@ class TopkAttention:
         if self.source == "hidden" and self.per != "layer":
             raise ValueError("an indexer with source='hidden' selects one set per token for the whole layer: use per='layer'")
         self._vectorised_prefill = self.source == "qk" and all(t.name == "exact" for t in self._templates.values())
+        # the plain exact indexer reads the KV cache itself (no copy of the keys to build or extend)
+        self._from_cache = self.per != "layer" and all(type(t) is Exact for t in self._templates.values())
         self.recorder = FidelityRecorder() if record else None
         self._states: dict[int, _LayerState] = {}
         self._hidden: dict[int, KeyBuffer] = {}
@@ -219,17 +222,17 @@ class TopkAttention:
         self._hidden[layer] = history
         return history.data
 
-    # -- selection --------------------------------------------------------------------------------------------
+    # -- selection: every `_step` is one query position per sequence -------------------------------------------
     def _queries(self, query: torch.Tensor, hidden: torch.Tensor | None, end: int) -> torch.Tensor:
-        """The indexer's queries: ``[B, Hkv, G*q, d]`` per head, ``[B, Hkv, q, d]`` per group, ``[B, 1, q, Hkv*d]``
-        per layer, ``[B, q, D]`` hidden states."""
-        batch, heads, q_len, dim = query.shape
+        """The indexer's queries: ``[B, Hkv, G, d]`` per head, ``[B, Hkv, 1, d]`` per group, ``[B, 1, 1, Hkv*d]``
+        per layer (summed over the heads they stand for), ``[B, 1, D]`` hidden states."""
+        batch, heads, _, dim = query.shape
         if hidden is not None:
-            return hidden[:, end - q_len : end]
-        grouped = query.detach().view(batch, -1, heads // self._kv_heads, q_len, dim)
+            return hidden[:, end - 1 : end]
+        grouped = query.detach().view(batch, self._kv_heads, heads // self._kv_heads, dim)
         if self.per == "head":
-            return grouped.reshape(batch, self._kv_heads, -1, dim)
-        summed = grouped.float().sum(2).to(query.dtype)
+            return grouped
+        summed = grouped.float().sum(2, keepdim=True).to(query.dtype)
         return summed if self.per == "group" else summed.transpose(1, 2).flatten(2).unsqueeze(1)
 
     def _vectors(self, key: torch.Tensor, hidden: torch.Tensor | None, rows, lo: int, hi: int) -> torch.Tensor:
@@ -239,26 +242,28 @@ class TopkAttention:
         part = key[rows, :, lo:hi].detach()
         return part.transpose(1, 2).flatten(2).unsqueeze(1) if self.per == "layer" else part
 
-    def _to_heads(self, indices: torch.Tensor, groups: int, q_len: int) -> torch.Tensor:
-        """Selections ``[b, L, M, S]`` -> one per query head and position ``[b, Hkv, G, q, S]`` (views, no copies)."""
-        b, s = indices.shape[0], indices.shape[-1]
-        if self.per == "head":
-            return indices.view(b, self._kv_heads, groups, q_len, s)
-        if self.per == "group":
-            return indices.unsqueeze(2).expand(b, self._kv_heads, groups, q_len, s)
-        return indices.view(b, 1, 1, q_len, s).expand(b, self._kv_heads, groups, q_len, s)
+    def _to_heads(self, indices: torch.Tensor, groups: int) -> torch.Tensor:
+        """Selections ``[b, R, S]`` (R = Hq, Hkv or 1 by ``per``) -> one per query head ``[b, Hkv, G, S]`` (a view)."""
+        b, rows, s = indices.shape
+        return indices.view(b, min(rows, self._kv_heads), -1, s).expand(b, self._kv_heads, groups, s)
 
     def _step(self, layer, query, key, value, starts, end, hidden, scale, record: bool) -> torch.Tensor:
         """Attention of one query position per sequence over its selection; ``key``/``value`` end at ``end``."""
         batch, heads = query.shape[:2]
         self._kv_heads = key.shape[1]
-        groups = heads // self._kv_heads
+        key, value = key[:, :, :end], value[:, :, :end]
         state = self._states.get(layer)
         if state is None or state.starts != starts or state.end != end - 1:
             state = _LayerState(starts, end - 1)
+        groups = _groups(starts, query.device)
+        if self._from_cache and not record and not (self.sinks or self.window) and groups[0][0] == 0 and len(groups) == 1:
+            k = resolve_k(self.k, end)
+            if k < end:  # select + attend in one kernel call: scores are reused, only V is gathered
+                per_kv_head = self.per == "group"
+                return kernels.topk_attention(query[:, :, 0], key, value, k, scale=scale, per_kv_head=per_kv_head)[:, None]
         queries = self._queries(query, hidden, end)
         picks = []
-        for start, rows, seqs in _groups(starts, query.device):
+        for start, rows, seqs in groups:
             context = end - start
             if context <= 0:  # a padding position of sparse prefill: nothing to attend to yet
                 picks.append((rows, queries.new_empty(0, dtype=torch.long)))
@@ -270,27 +275,37 @@ class TopkAttention:
             if k >= context:
                 picks.append((rows, torch.arange(start, end, device=query.device)))
                 continue
-            if indexer is None:
-                indexer = state.indexers[start] = copy.deepcopy(self._templates[layer])
-                indexer.build(self._vectors(key, hidden, rows, start, end))
-            picked = indexer.search(queries[rows], k)
-            picked = _shift(picked.unsqueeze(1) if hidden is not None else picked, start)
-            attended = self._with_fixed(picked, start, end)
+            if self._from_cache:
+                picked = kernels.topk(query[rows, :, 0], key[rows, :, start:], k, per_kv_head=self.per == "group",
+                                      sorted=False)[1]
+            else:
+                if indexer is None:
+                    indexer = state.indexers[start] = copy.deepcopy(self._templates[layer])
+                    indexer.build(self._vectors(key, hidden, rows, start, end))
+                picked = indexer.search(queries[rows], k)
+                picked = picked.reshape(picked.shape[0], -1, k)
+            picked = _shift(picked, start)
+            attended = self._with_fixed(picked, start, end, distinct=self._from_cache)
             if record:
                 self._record(layer, seqs, rows, query, key, value, start, end, k, picked, attended, scale)
             picks.append((rows, attended))
         state.end = end
         self._states[layer] = state
-        indices = _merge(picks, batch, (self._kv_heads if self.per != "layer" else 1, queries.shape[-2]))
-        return sparse_attention(query, key, value, self._to_heads(indices, groups, query.shape[2]), scale)
+        rows_per_seq = {"head": heads, "group": self._kv_heads, "layer": 1}[self.per]
+        indices = _merge(picks, batch, rows_per_seq)
+        if rows_per_seq == 1:  # one set per layer: the kernel takes one per KV head
+            indices = indices.expand(batch, self._kv_heads, -1)
+        return kernels.sparse_decode_attention(query[:, :, 0], key, value, indices, scale)[:, None]
 
-    def _with_fixed(self, picked: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        """The picks plus sinks and window, each key once (repeats become -1)."""
+    def _with_fixed(self, picked: torch.Tensor, start: int, end: int, distinct: bool = False) -> torch.Tensor:
+        """The picks plus sinks and window, each key once (repeats become -1); ``distinct`` picks skip the check."""
         fixed = []
         if self.sinks:
             fixed.append(torch.arange(start, min(start + self.sinks, end), device=picked.device))
         if self.window:
             fixed.append(torch.arange(max(start, end - self.window), end, device=picked.device))
+        if not fixed and distinct:
+            return picked
         if fixed:
             extra = torch.cat(fixed)
             picked = torch.cat([picked, extra.expand(*picked.shape[:-1], extra.numel())], dim=-1)
@@ -301,18 +316,19 @@ class TopkAttention:
 
     def _record(self, layer, seqs, rows, query, key, value, start, end, k, picked, attended, scale) -> None:
         """Compare this step's selection with exact Top-k chosen the same way (per head / group / layer)."""
-        exact = _shift(exact_topk(self._queries(query, None, end)[rows], self._vectors(key, None, rows, start, end), k)[1], start)
+        exact = exact_topk(self._queries(query, None, end)[rows], self._vectors(key, None, rows, start, end), k)[1]
+        exact = _shift(exact.reshape(exact.shape[0], -1, k), start)
         groups = query.shape[1] // self._kv_heads
 
-        def heads(indices):  # absolute [b, L, 1, S] -> relative to start, per query head [b, Hkv, G, S]
-            return _shift(self._to_heads(indices, groups, 1)[:, :, :, 0], -start)
+        def heads(indices):  # absolute [b, R, S] -> relative to start, per query head [b, Hkv, G, S]
+            return _shift(self._to_heads(indices, groups), -start)
 
         q = query[rows][:, :, 0].view(-1, self._kv_heads, groups, query.shape[-1])
         self.recorder.record(
-            step=self._steps.get(layer, 0), layer=layer, seqs=seqs, indexer=self._templates[layer].spec, per=self.per, k=k, q=q,
-            keys=key[rows, :, start:end], values=value[rows, :, start:end], picked=heads(picked),
-            attended=heads(attended), exact=heads(exact), exact_attended=heads(self._with_fixed(exact, start, end)),
-            scale=scale,
+            step=self._steps.get(layer, 0), layer=layer, seqs=seqs, indexer=self._templates[layer].spec,
+            per=self.per, k=k, q=q, keys=key[rows, :, start:end], values=value[rows, :, start:end],
+            picked=heads(picked), attended=heads(attended), exact=heads(exact),
+            exact_attended=heads(self._with_fixed(exact, start, end, distinct=True)), scale=scale,
         )
 
     def _sparse_prefill(self, layer, query, key, value, starts, end, hidden, scale) -> torch.Tensor:
@@ -363,37 +379,16 @@ def _shift(indices: torch.Tensor, offset: int) -> torch.Tensor:
     return torch.where(indices >= 0, indices + offset, indices)
 
 
-def _merge(picks, batch: int, lead: tuple[int, int]) -> torch.Tensor:
-    """Per-group selections -> one ``[B, L, M, S]`` tensor, padded with -1 (a 1-D pick is shared by all rows)."""
-    if len(picks) == 1 and picks[0][1].dim() == 4:
+def _merge(picks, batch: int, rows_per_seq: int) -> torch.Tensor:
+    """Per-group selections -> one ``[B, R, S]`` tensor, padded with -1 (a 1-D pick is shared by all rows)."""
+    if len(picks) == 1 and picks[0][1].dim() == 3:
         return picks[0][1]
     width = max(1, max(p.shape[-1] for _, p in picks))
     device = picks[0][1].device
-    out = torch.full((batch, *lead, width), -1, dtype=torch.long, device=device)
+    out = torch.full((batch, rows_per_seq, width), -1, dtype=torch.long, device=device)
     for rows, picked in picks:
         out[rows, ..., : picked.shape[-1]] = picked
     return out
-
-
-def sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, indices: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """Attention over selected keys only, softmax renormalised over them.
-
-    query ``[B, Hq, q, d]``, key/value ``[B, Hkv, N, d]`` (query head h reads KV head h // G), indices
-    ``[B, Hkv, G, q, S]`` into N (-1 = empty slot; a query with no key gets a zero output). Returns
-    ``[B, q, Hq, d_v]`` as transformers' attention functions do.
-    """
-    batch, heads, q_len, dim = query.shape
-    kv_heads, dim_v = key.shape[1], value.shape[-1]
-    groups, width = heads // kv_heads, indices.shape[-1]
-    flat = indices.clamp_min(0).reshape(batch, kv_heads, -1, 1)
-    picked_keys = key.gather(2, flat.expand(-1, -1, -1, dim)).view(batch, kv_heads, groups, q_len, width, dim)
-    picked_values = value.gather(2, flat.expand(-1, -1, -1, dim_v)).view(batch, kv_heads, groups, q_len, width, dim_v)
-    grouped = query.view(batch, kv_heads, groups, q_len, 1, dim)
-    logits = (grouped.float() * picked_keys.float()).sum(-1) * scale
-    probs = torch.softmax(logits.masked_fill(indices < 0, -math.inf), dim=-1).nan_to_num(0.0)
-    out = (probs.unsqueeze(-1) * picked_values.float()).sum(-2)
-    return out.reshape(batch, heads, q_len, dim_v).transpose(1, 2).to(query.dtype).contiguous()
 
 
 def masked_topk_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor, *,
@@ -448,5 +443,5 @@ def topk_attention(model: torch.nn.Module, indexer: IndexerChoice = "exact", **o
 
 __all__ = [
     "PER_CHOICES", "PREFILL_CHOICES", "TopkAttention", "check_k", "enable_topk_attention", "masked_topk_attention",
-    "resolve_k", "sparse_attention", "topk_attention",
+    "resolve_k", "topk_attention",
 ]
