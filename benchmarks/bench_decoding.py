@@ -132,7 +132,10 @@ def main(argv=None) -> int:
     from topklab import kernels
 
     card = torch.cuda.get_device_name() if args.device != "cpu" else "cpu"
-    meta = {"card": card, "date": datetime.date.today().isoformat(), "torch": torch.__version__, "k": args.k,
+    import transformers
+
+    meta = {"card": card, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "k": args.k,
             "layers": args.layers, "steps": args.steps, "kernels": sorted(name for name in dir(kernels) if not name.startswith("_"))}
     print(json.dumps(meta))
     results = []
@@ -141,8 +144,13 @@ def main(argv=None) -> int:
         ids = torch.randint(0, model.config.vocab_size, (1, n), generator=generator).to(args.device)
         _sync(args.device)
         begin = time.perf_counter()
-        with torch.no_grad():
-            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        try:
+            with torch.no_grad():
+                out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        except Exception as err:
+            logging.exception("prefill of N=%d failed", n)
+            results.append({"context": n, "mode": "prefill", "error": f"{type(err).__name__}: {err}"})
+            continue
         _sync(args.device)
         prefill_s = time.perf_counter() - begin
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -32,6 +33,11 @@ def _generate(model, ids, steps=8, **kwargs):
     out = model.generate(ids, attention_mask=kwargs.pop("attention_mask", torch.ones_like(ids)), max_new_tokens=steps,
                          min_new_tokens=steps, do_sample=False, pad_token_id=0, **kwargs)
     return out[:, ids.shape[1]:]
+
+
+def _with_cache(model, cache) -> dict:
+    """The cache keyword: ``cache`` in recent transformers, ``past_key_values`` before."""
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
 
 
 @dataclass(eq=False)
@@ -86,12 +92,33 @@ def test_decode_steps_match_the_masked_reference(per, k, sinks, window):
     with torch.no_grad(), topk_attention(model, "exact", **options):
         reference = model(ids).logits[:, 20:]
         cache = DynamicCache(config=model.config)
-        model(prompt, cache=cache)
-        stepped = torch.cat([model(rest[:, i : i + 1], cache=cache).logits for i in range(rest.shape[1])], 1)
+        model(prompt, **_with_cache(model, cache))
+        stepped = torch.cat([model(rest[:, i : i + 1], **_with_cache(model, cache)).logits for i in range(rest.shape[1])], 1)
     torch.testing.assert_close(stepped, reference, rtol=1e-4, atol=1e-4)
     with torch.no_grad():
         plain = model(ids).logits[:, 20:]
     assert (plain - reference).abs().max() > 1e-3, "small k should change the logits"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("indexer,k,sinks,per", [("exact", 64, 0, "head"), ("exact", 64, 0, "group"),
+                                                 ("exact", 0.1, 3, "head"), ("oracle:p=1", 48, 2, "group")])
+def test_cuda_decode_steps_match_the_masked_reference(indexer, k, sinks, per):
+    """On CUDA the steps run the Triton kernels (fused select+attend, selection, sparse attention)."""
+    from transformers import DynamicCache
+
+    model = tiny_model("llama", layers=2, hidden=256, heads=8, kv_heads=2).cuda()
+    ids = _prompt(700, seed=12).cuda()
+    prompt, rest = ids[:, :680], ids[:, 680:]
+    with torch.no_grad():
+        with topk_attention(model, "exact", k=k, per=per, sinks=sinks, prefill="sparse"):
+            reference = model(ids).logits[:, 680:]
+        with topk_attention(model, indexer, k=k, per=per, sinks=sinks, prefill="sparse"):
+            cache = DynamicCache(config=model.config)
+            model(prompt, **_with_cache(model, cache))
+            stepped = torch.cat([model(rest[:, i : i + 1], **_with_cache(model, cache)).logits for i in range(rest.shape[1])], 1)
+    torch.testing.assert_close(stepped, reference, rtol=2e-3, atol=2e-3)
 
 
 def test_oracle_with_p_1_equals_exact():
