@@ -8,7 +8,9 @@ error against dense attention, plus the indexer's cost.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -26,7 +28,11 @@ COSTS = ("bytes_read", "keys_scored", "index_bytes", "build_s", "search_us")
 
 
 def evaluate_layer(indexer: Indexer, trace: LayerTrace, ks: Sequence[int], device="cpu") -> pd.DataFrame:
-    """Replay the decode positions of one layer's trace through ``indexer``; one row per head x position x k."""
+    """Replay the decode positions of one layer's trace through ``indexer``; one row per head x position x k.
+
+    The indexer runs step by step (add the position's key, then search); the metrics are computed afterwards for
+    all positions at once, against causal dense attention over the keys each position could see.
+    """
     if trace.prompt_len >= trace.length:
         raise ValueError(
             f"layer {trace.layer}: the trace has no decode positions (prompt_len = length = {trace.length}); "
@@ -39,38 +45,52 @@ def evaluate_layer(indexer: Indexer, trace: LayerTrace, ks: Sequence[int], devic
         raise ValueError(f"k = {ks[-1]} exceeds the {trace.prompt_len + 1} keys visible at the first decode position")
     q, k, v = (x.to(device, torch.float32) for x in (trace.q, trace.k, trace.v))
     batch, kv_heads, group = k.shape[0], k.shape[1], trace.group_size
+    start, length = trace.prompt_len, trace.length
+    steps = length - start
     uses_hidden = indexer.source == "hidden"
     if uses_hidden and trace.hidden is None:
         raise ValueError(f"{indexer.spec} needs attention-input hidden states, which this trace does not hold")
     stream = trace.hidden.to(device, torch.float32) if uses_hidden else k
-    indexer.build(stream[..., : trace.prompt_len, :])
-    build_s, columns = indexer.cost.build_seconds, {name: [] for name in ("position", "k", *METRICS, *COSTS)}
-    for t in range(trace.prompt_len, trace.length):
+    # queries of the decode positions, a KV head's query heads folded together: [B, Hkv, G, steps, d]
+    queries = q[:, :, start:].reshape(batch, kv_heads, group, steps, -1)
+
+    indexer.build(stream[..., :start, :])
+    build_s = indexer.cost.build_seconds
+    preds = {kk: [] for kk in ks}
+    costs = {name: np.empty((steps, len(ks))) for name in ("bytes_read", "keys_scored", "index_bytes", "search_us")}
+    for step in range(steps):
+        t = start + step
         indexer.add(stream[..., t : t + 1, :])
-        query = q[:, :, t].reshape(batch, kv_heads, group, -1)
-        logits = torch.matmul(query, k[:, :, : t + 1].transpose(-1, -2)) * trace.scale
-        truth = torch.topk(logits, ks[-1], dim=-1).indices
-        for kk in ks:
-            pred = indexer.search(stream[..., t : t + 1, :] if uses_hidden else query, kk)
+        searcher = stream[..., t : t + 1, :] if uses_hidden else queries[:, :, :, step].reshape(batch, kv_heads, group, -1)
+        for j, kk in enumerate(ks):
+            pred = indexer.search(searcher, kk)
             if uses_hidden:  # one selection per token, shared by every head of the layer
                 pred = pred.reshape(batch, 1, 1, kk).expand(batch, kv_heads, group, kk)
-            scores = fidelity_from_logits(logits, v[:, :, : t + 1], pred, truth[..., :kk])
-            n = batch * kv_heads * group
-            for name in METRICS:
-                columns[name].append(scores[name].reshape(-1).cpu().numpy())
+            preds[kk].append(pred)
             cost = indexer.cost
-            for name, value in (("position", t), ("k", kk), ("bytes_read", cost.bytes_read),
-                                ("keys_scored", cost.keys_scored), ("index_bytes", cost.index_bytes),
-                                ("build_s", build_s), ("search_us", cost.search_seconds * 1e6)):
-                columns[name].append(np.full(n, value))
-    frame = pd.DataFrame({name: np.concatenate(parts) for name, parts in columns.items()})
-    steps = len(frame) // (batch * kv_heads * group)
-    frame.insert(0, "seq", np.tile(np.repeat(np.arange(batch), kv_heads * group), steps))
-    frame.insert(1, "head", np.tile(np.arange(kv_heads * group), batch * steps))
-    frame.insert(2, "kv_head", frame["head"] // group)
-    frame.insert(3, "layer", trace.layer)
-    frame["context"] = frame["position"] + 1
-    return frame
+            costs["bytes_read"][step, j], costs["keys_scored"][step, j] = cost.bytes_read, cost.keys_scored
+            costs["index_bytes"][step, j], costs["search_us"][step, j] = cost.index_bytes, cost.search_seconds * 1e6
+
+    causal = torch.arange(length, device=device)[None, :] > torch.arange(start, length, device=device)[:, None]
+    logits = (torch.matmul(queries, k[:, :, None].transpose(-1, -2)) * trace.scale).masked_fill(causal, -math.inf)
+    truth = torch.topk(logits, ks[-1], dim=-1).indices
+    frames = []
+    for j, kk in enumerate(ks):
+        pred = torch.stack(preds[kk], dim=-2)  # [B, Hkv, G, steps, k]
+        scores = fidelity_from_logits(logits, v[:, :, None], pred, truth[..., :kk])
+        shape = scores["recall"].shape  # [B, Hkv, G, steps]
+        index = np.indices(shape).reshape(len(shape), -1)
+        frame = pd.DataFrame({
+            "seq": index[0], "head": index[1] * group + index[2], "kv_head": index[1], "layer": trace.layer,
+            "position": start + index[3], "k": kk,
+            **{name: scores[name].reshape(-1).cpu().numpy() for name in METRICS},
+            **{name: values[index[3], j] for name, values in costs.items()},
+            "build_s": build_s,
+        })
+        frames.append(frame)
+    out = pd.concat(frames, ignore_index=True)
+    out["context"] = out["position"] + 1
+    return out
 
 
 def evaluate_spec(spec: str, traces: Sequence[TraceFile], ks: Sequence[int], layers: Iterable[int] | None = None,
@@ -85,10 +105,22 @@ def evaluate_spec(spec: str, traces: Sequence[TraceFile], ks: Sequence[int], lay
         if indexer.trainable:
             indexer = make(spec).fit([ft.layer(layer) for ft in fit_traces])
         for trace in traces:
-            frame = evaluate_layer(indexer, trace.layer(layer), ks, device)
+            with _one_thread():
+                frame = evaluate_layer(indexer, trace.layer(layer), ks, device)
             frame.insert(0, "trace", trace.path.stem)
             frames.append(frame)
     out = pd.concat(frames, ignore_index=True)
     out.insert(1, "indexer", indexer.spec if not indexer.trainable else spec)
     out.insert(2, "family", indexer.name)
     return out
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """The replay is many small tensor ops, which intra-op threads only slow down (25x on a loaded 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

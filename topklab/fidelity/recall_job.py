@@ -32,12 +32,12 @@ class RecallConfig:
     model: str = DEFAULT_MODEL
     text: str = "wiki"
     lengths: tuple[int, ...] = (2048, 3072, 4096)  # one evaluated document per length
-    decode: int = 32  # the last `decode` positions of each document are the (teacher-forced) decode steps
+    decode: int = 24  # the last `decode` positions of each document are the (teacher-forced) decode steps
     fit_texts: int = 1  # extra documents, held out, that trainable indexers are fitted on
     fit_length: int = 2048
     indexers: tuple[str, ...] = ()  # empty: every registered family's examples
-    ks: tuple[int, ...] = (16, 32, 64, 128, 256)
-    layers: str = "spread:8"
+    ks: tuple[int, ...] = (16, 64, 256)
+    layers: str = "spread:6"
     out: str = "results/recall"
     device: str = "cpu"
     seed: int = 0
