@@ -110,13 +110,47 @@ def run_mode(model, cache, prompt_len, token, mode, args) -> dict:
             return decode(model, cache, token, args.steps, timer, args.warmup, args.device)
 
 
+@torch.no_grad()
+def attention_micro(model, cache, args, calls: int = 50) -> dict:
+    """One layer's decode attention on the prefilled cache, back to back at a fixed length (ms per call)."""
+    from topklab import kernels
+    from topklab.decoding.hf import attention_modules
+
+    module = attention_modules(model)[0]
+    keys, values = cache.layers[0].keys, cache.layers[0].values
+    heads = model.config.num_attention_heads
+    query = torch.randn(1, heads, 1, keys.shape[-1], device=keys.device, dtype=keys.dtype)
+    scale = keys.shape[-1] ** -0.5
+    with topk_attention(model, "exact", k=args.k) as handle:
+        candidates = {
+            "dense_sdpa_ms": lambda: dense_attention(module, query, keys, values, None, scaling=scale, dropout=0.0),
+            "fused_topk_kernel_ms": lambda: kernels.topk_attention(query[:, :, 0], keys, values, args.k, scale=scale),
+            "topk_hook_ms": lambda: handle.attention(module, query, keys, values, None, scaling=scale, dropout=0.0),
+        }
+        timings = {}
+        for name, call in candidates.items():
+            for _ in range(5):
+                call()
+            _sync(args.device)
+            begin = time.perf_counter()
+            for _ in range(calls):
+                call()
+            _sync(args.device)
+            timings[name] = 1000 * (time.perf_counter() - begin) / calls
+    return timings
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", default="32768,131072", help="prompt lengths N (comma-separated)")
     parser.add_argument("--k", type=int, default=2048)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--warmup", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=40,
+                        help="untimed steps first (>= 16 lets Triton compile every variant its int-argument "
+                             "specialisation makes as N grows)")
+    parser.add_argument("--allow-cudnn", action="store_true",
+                        help="let dense SDPA use cuDNN (torch 2.11 re-plans it at every new length: ~50 ms a call)")
     parser.add_argument("--modes", default="dense,topk-head,topk-group", help="dense and/or topk-{head,group,layer}")
     parser.add_argument("--tiny", action="store_true", help="a small model and contexts for a CPU smoke run")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -128,6 +162,8 @@ def main(argv=None) -> int:
     contexts = [int(n) for n in args.contexts.split(",")]
     modes = args.modes.split(",")
 
+    if args.device != "cpu" and not args.allow_cudnn:
+        torch.backends.cuda.enable_cudnn_sdp(False)  # dense baseline on flash / memory-efficient SDPA
     model = build_model(args.tiny, args.layers, args.device)
     from topklab import kernels
 
@@ -136,7 +172,7 @@ def main(argv=None) -> int:
 
     meta = {"card": card, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
             "transformers": transformers.__version__, "k": args.k,
-            "layers": args.layers, "steps": args.steps, "kernels": sorted(name for name in dir(kernels) if not name.startswith("_"))}
+            "layers": args.layers, "steps": args.steps, "warmup": args.warmup, "cudnn_sdpa": args.allow_cudnn, "kernels": sorted(name for name in dir(kernels) if not name.startswith("_"))}
     print(json.dumps(meta))
     results = []
     generator = torch.Generator().manual_seed(0)
@@ -156,6 +192,13 @@ def main(argv=None) -> int:
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         del out
         rows = {}
+        try:
+            micro = attention_micro(model, cache, args)
+        except Exception as err:
+            logging.exception("micro benchmark at N=%d failed", n)
+            micro = {"error": f"{type(err).__name__}: {err}"}
+        results.append({"context": n, "mode": "micro", **micro})
+        print(json.dumps(results[-1]))
         for mode in modes:
             try:
                 rows[mode] = run_mode(model, cache, n, token, mode, args)
@@ -174,6 +217,9 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
     print(f"\n{'N':>7} {'mode':>11} {'attn ms/step':>13} {'x dense':>8} {'step ms':>8} {'tok/s':>8} {'x dense':>8}")
     for row in results:
+        if row["mode"] == "micro" and "error" not in row:
+            print(f"{row['context']:>7} {'one layer':>11} " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.endswith("_ms")))
+            continue
         if "error" in row:
             print(f"{row['context']:>7} {row['mode']:>11} {row['error']}")
             continue
