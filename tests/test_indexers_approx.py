@@ -334,8 +334,8 @@ def test_torch_families_agree_on_gpu(rng, spec):
     cpu = make(spec).build(keys).search(queries, K)
     gpu = make(spec).build(keys.cuda()).search(queries.cuda(), K)
     assert gpu.device.type == "cuda"
-    overlap = recall_at_k(gpu.cpu(), cpu).mean().item()
-    assert overlap > 0.98  # float sums may break near-ties differently
+    same = (gpu.cpu() == cpu).float().mean().item()  # slot by slot, so -1 slots must match too
+    assert same > 0.99  # float sums in another order may break a near-tie the other way
 
 
 @pytest.mark.gpu

@@ -55,22 +55,29 @@ def top_k_reranked(approx: torch.Tensor, queries: torch.Tensor, keys: torch.Tens
     """The k best keys by ``approx [*, M, N]`` (-inf marks a non-candidate), optionally re-ranked exactly.
 
     With ``rerank = 0``, the top k of ``approx``; with ``rerank = r >= 1``, the top k by exact q.k among the top
-    ceil(r*k) of ``approx``. Slots left without a candidate are -1. Returns (indices ``[*, M, k]``, keys scored
-    exactly per query).
+    ceil(r*k) of ``approx``. Ties in ``approx`` (common with integer LSH scores) go to the lower key index, so CPU and
+    GPU select alike. Slots left without a candidate are -1. Returns (indices ``[*, M, k]``, keys scored exactly per
+    query).
     """
     if rerank == 0:
-        best = approx.topk(k, dim=-1)
-        return torch.where(best.values > -math.inf, best.indices, -1), 0.0
-    shortlist = approx.topk(min(math.ceil(rerank * k), approx.shape[-1]), dim=-1)
-    is_candidate = shortlist.values > -math.inf
-    m, c, d = shortlist.indices.shape[-2], shortlist.indices.shape[-1], keys.shape[-1]
+        values, indices = _top(approx, k)
+        return torch.where(values > -math.inf, indices, -1), 0.0
+    values, shortlist = _top(approx, min(math.ceil(rerank * k), approx.shape[-1]))
+    is_candidate = values > -math.inf
+    m, d = shortlist.shape[-2], keys.shape[-1]
     rows = keys.unsqueeze(-3).expand(*keys.shape[:-2], m, *keys.shape[-2:])
-    candidates = rows.gather(-2, shortlist.indices.unsqueeze(-1).expand(*shortlist.indices.shape, d))
+    candidates = rows.gather(-2, shortlist.unsqueeze(-1).expand(*shortlist.shape, d))
     exact = torch.einsum("...md,...mcd->...mc", queries.float(), candidates.float())
-    best = exact.masked_fill(~is_candidate, -math.inf).topk(k, dim=-1)
-    chosen = shortlist.indices.gather(-1, best.indices)
+    best_values, best = _top(exact.masked_fill(~is_candidate, -math.inf), k)
     scored = float(is_candidate.sum()) / max(1, is_candidate[..., 0].numel())
-    return torch.where(best.values > -math.inf, chosen, -1), scored
+    return torch.where(best_values > -math.inf, shortlist.gather(-1, best), -1), scored
+
+
+def _top(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of the k largest along the last dim, ties to the lower index (torch.topk breaks ties
+    differently on each device)."""
+    values, indices = torch.sort(scores, dim=-1, descending=True, stable=True)
+    return values[..., :k], indices[..., :k]
 
 
 def check_rerank(name: str, rerank: float) -> None:
