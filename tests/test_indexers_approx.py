@@ -45,21 +45,6 @@ def run(spec, keys, queries, k=K):
     return mean_recall(indexer.search(queries, k), queries, keys, k), indexer
 
 
-@pytest.fixture(autouse=True)
-def one_faiss_thread():
-    """FAISS's OpenMP threads spin against each other on a busy 2-core CI box; one thread is fast and
-    deterministic (k-means and HNSW insertion), which the per-slice comparison below relies on."""
-    try:
-        import faiss
-    except ImportError:
-        yield
-        return
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
-
-
 def needs_faiss(spec):
     if spec.split(":")[0] in FAISS_FAMILIES:
         pytest.importorskip("faiss")
@@ -159,9 +144,11 @@ def test_scale_granularity_follows_the_outliers(rng):
 def test_ivf_cost_counts_what_faiss_scans(rng):
     faiss = pytest.importorskip("faiss")
     keys, queries = planted(rng, lead=(2,))
+    threads = faiss.omp_get_max_threads()
     indexer = make("ivf:nlist=32,nprobe=3").build(keys)
     faiss.cvar.indexIVF_stats.reset()
     indexer.search(queries, K)
+    assert faiss.omp_get_max_threads() == threads  # FAISS runs on one thread inside the indexer only
     n_queries = queries[..., 0].numel()
     assert indexer.cost.keys_scored * n_queries == faiss.cvar.indexIVF_stats.ndis
     per_query = 32 * D * 4 + indexer.cost.keys_scored * D * 4
