@@ -172,7 +172,8 @@ def main(argv=None) -> int:
 
     meta = {"card": card, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
             "transformers": transformers.__version__, "k": args.k,
-            "layers": args.layers, "steps": args.steps, "warmup": args.warmup, "cudnn_sdpa": args.allow_cudnn, "kernels": sorted(name for name in dir(kernels) if not name.startswith("_"))}
+            "layers": args.layers, "steps": args.steps, "warmup": args.warmup, "cudnn_sdpa": args.allow_cudnn,
+            "kernels": sorted(name for name in dir(kernels) if not name.startswith("_"))}
     print(json.dumps(meta))
     results = []
     generator = torch.Generator().manual_seed(0)
@@ -218,13 +219,15 @@ def main(argv=None) -> int:
     print(f"\n{'N':>7} {'mode':>11} {'attn ms/step':>13} {'x dense':>8} {'step ms':>8} {'tok/s':>8} {'x dense':>8}")
     for row in results:
         if row["mode"] == "micro" and "error" not in row:
-            print(f"{row['context']:>7} {'one layer':>11} " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.endswith("_ms")))
+            timings = ", ".join(f"{name} {value:.3f}" for name, value in row.items() if name.endswith("_ms"))
+            print(f"{row['context']:>7} {'one layer':>11} {timings}")
             continue
         if "error" in row:
             print(f"{row['context']:>7} {row['mode']:>11} {row['error']}")
             continue
-        print(f"{row['context']:>7} {row['mode']:>11} {row['attention_ms']:>13.3f} {row.get('attention_speedup', 1):>8.2f} "
-              f"{row['step_ms']:>8.2f} {row['tokens_per_s']:>8.1f} {row.get('tokens_speedup', 1):>8.2f}")
+        print(f"{row['context']:>7} {row['mode']:>11} {row['attention_ms']:>13.3f} "
+              f"{row.get('attention_speedup', 1):>8.2f} {row['step_ms']:>8.2f} {row['tokens_per_s']:>8.1f} "
+              f"{row.get('tokens_speedup', 1):>8.2f}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"meta": meta, "results": results}, handle, indent=1)

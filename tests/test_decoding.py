@@ -35,9 +35,15 @@ def _generate(model, ids, steps=8, **kwargs):
     return out[:, ids.shape[1]:]
 
 
-def _with_cache(model, cache) -> dict:
-    """The cache keyword: ``cache`` in recent transformers, ``past_key_values`` before."""
-    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+def _prefill_then_step(model, prompt, rest) -> torch.Tensor:
+    """Logits of ``rest``, fed one token at a time after ``prompt`` (the cache keyword is ``cache`` in recent
+    transformers, ``past_key_values`` before)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    model(prompt, **{keyword: cache})
+    return torch.cat([model(rest[:, i : i + 1], **{keyword: cache}).logits for i in range(rest.shape[1])], dim=1)
 
 
 @dataclass(eq=False)
@@ -83,17 +89,13 @@ def test_gemma3_sliding_layers_stay_dense():
 @pytest.mark.parametrize("k,sinks,window", [(5, 0, 0), (0.2, 2, 3)])
 def test_decode_steps_match_the_masked_reference(per, k, sinks, window):
     """Decoding token by token through the indexer equals one masked pass over the whole sequence."""
-    from transformers import DynamicCache
-
     model = _model("qwen3")
     ids = _prompt(30, seed=2)
     prompt, rest = ids[:, :20], ids[:, 20:]
     options = dict(k=k, per=per, sinks=sinks, window=window, prefill="sparse")
     with torch.no_grad(), topk_attention(model, "exact", **options):
         reference = model(ids).logits[:, 20:]
-        cache = DynamicCache(config=model.config)
-        model(prompt, **_with_cache(model, cache))
-        stepped = torch.cat([model(rest[:, i : i + 1], **_with_cache(model, cache)).logits for i in range(rest.shape[1])], 1)
+        stepped = _prefill_then_step(model, prompt, rest)
     torch.testing.assert_close(stepped, reference, rtol=1e-4, atol=1e-4)
     with torch.no_grad():
         plain = model(ids).logits[:, 20:]
@@ -106,8 +108,6 @@ def test_decode_steps_match_the_masked_reference(per, k, sinks, window):
                                                  ("exact", 0.1, 3, "head"), ("oracle:p=1", 48, 2, "group")])
 def test_cuda_decode_steps_match_the_masked_reference(indexer, k, sinks, per):
     """On CUDA the steps run the Triton kernels (fused select+attend, selection, sparse attention)."""
-    from transformers import DynamicCache
-
     model = tiny_model("llama", layers=2, hidden=256, heads=8, kv_heads=2).cuda()
     ids = _prompt(700, seed=12).cuda()
     prompt, rest = ids[:, :680], ids[:, 680:]
@@ -115,9 +115,7 @@ def test_cuda_decode_steps_match_the_masked_reference(indexer, k, sinks, per):
         with topk_attention(model, "exact", k=k, per=per, sinks=sinks, prefill="sparse"):
             reference = model(ids).logits[:, 680:]
         with topk_attention(model, indexer, k=k, per=per, sinks=sinks, prefill="sparse"):
-            cache = DynamicCache(config=model.config)
-            model(prompt, **_with_cache(model, cache))
-            stepped = torch.cat([model(rest[:, i : i + 1], **_with_cache(model, cache)).logits for i in range(rest.shape[1])], 1)
+            stepped = _prefill_then_step(model, prompt, rest)
     torch.testing.assert_close(stepped, reference, rtol=2e-3, atol=2e-3)
 
 
@@ -141,10 +139,11 @@ def test_oracle_with_p_1_equals_exact():
 def test_small_k_changes_generation():
     model = _model("llama")
     ids = _prompt(48, seed=4)
-    kwargs = dict(output_logits=True, return_dict_in_generate=True)
-    dense = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0, **kwargs)
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0,
+                  output_logits=True, return_dict_in_generate=True)
+    dense = model.generate(ids, **kwargs)
     with topk_attention(model, "exact", k=2):
-        sparse = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0, **kwargs)
+        sparse = model.generate(ids, **kwargs)
     # the first token comes from the (dense) prefill; every later step decodes with Top-k
     torch.testing.assert_close(sparse.logits[0], dense.logits[0])
     assert (sparse.logits[1] - dense.logits[1]).abs().max() > 1e-3
@@ -214,7 +213,8 @@ def test_recorder_recall_is_one_for_exact_and_p_for_oracle():
                                   "mass_recall", "output_error"}
     assert (frame.recall == 1.0).all()
     torch.testing.assert_close(torch.tensor(frame.mass_recall.values), torch.tensor(frame.exact_mass_recall.values))
-    assert frame.context.tolist()[: heads] == [41] * heads and frame.kv_head.max() == model.config.num_key_value_heads - 1
+    assert frame.context.tolist()[:heads] == [41] * heads
+    assert frame.kv_head.max() == model.config.num_key_value_heads - 1
     with topk_attention(model, "oracle:p=0.6", k=k, per="group", record=True) as handle:
         _generate(model, ids, steps=steps)
     frame = handle.recorder.frame()

@@ -21,7 +21,8 @@ def parse_k(text: str) -> int | float:
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"--k takes a key count (64) or a ratio in (0, 1] (0.02), got {text!r}") from None
+            message = f"--k takes a key count (64) or a ratio in (0, 1] (0.02), got {text!r}"
+            raise argparse.ArgumentTypeError(message) from None
     try:
         return check_k(value)
     except (TypeError, ValueError) as err:

@@ -22,7 +22,10 @@ How the options read:
 
 Indexers keep state per layer and per group of sequences sharing the same left padding (lead dims
 ``[sequences, KV heads]``): built on the cache the first time a selection is needed, then extended with ``add``
-each decode step; rebuilt only when a new sequence starts. Padded keys are never candidates.
+each decode step; rebuilt only when a new sequence starts. Padded keys are never candidates. The plain ``exact``
+indexer (per head or group) needs no index: it selects straight from the KV cache with `topklab.kernels.topk`
+(Triton on CUDA), fused with the attention when there are no sinks, window, padding or recording. Attention over
+the selection is `topklab.kernels.sparse_decode_attention` (Triton on CUDA, its torch reference elsewhere).
 """
 
 from __future__ import annotations
@@ -97,7 +100,9 @@ class TopkAttention:
         modules = attention_modules(model)
         unknown = sorted(set(dense_layers) - set(modules))
         if unknown:
-            raise ValueError(f"dense_layers names layer(s) {unknown} but the model has layers {min(modules)}..{max(modules)}")
+            raise ValueError(
+                f"dense_layers names layer(s) {unknown} but the model has layers {min(modules)}..{max(modules)}"
+            )
         sliding = [i for i, module in modules.items() if getattr(module, "sliding_window", None)]
         if sliding:
             log.info("sliding-window layers %s stay dense (their cache is a rolling window)", sliding)
@@ -115,7 +120,9 @@ class TopkAttention:
         if self.per not in PER_CHOICES:
             raise ValueError(f"per must be one of {', '.join(PER_CHOICES)}, got {self.per!r}")
         if self.source == "hidden" and self.per != "layer":
-            raise ValueError("an indexer with source='hidden' selects one set per token for the whole layer: use per='layer'")
+            raise ValueError(
+                "an indexer with source='hidden' selects one set per token for the whole layer: use per='layer'"
+            )
         self._vectorised_prefill = self.source == "qk" and all(t.name == "exact" for t in self._templates.values())
         # the plain exact indexer reads the KV cache itself (no copy of the keys to build or extend)
         self._from_cache = self.per != "layer" and all(type(t) is Exact for t in self._templates.values())
@@ -129,7 +136,8 @@ class TopkAttention:
         self._stack.enter_context(attention_hook(model, self.attention))
         if self.source == "hidden":
             for i in self.sparse_layers:
-                self._stack.callback(modules[i].register_forward_pre_hook(self._capture_hidden, with_kwargs=True).remove)
+                handle = modules[i].register_forward_pre_hook(self._capture_hidden, with_kwargs=True)
+                self._stack.callback(handle.remove)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def restore(self) -> None:
@@ -155,8 +163,9 @@ class TopkAttention:
     def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         """The attention function transformers calls for every layer (registered while the handle is active)."""
         layer = module.layer_idx
+        dense = dict(scaling=scaling, dropout=dropout, **kwargs)
         if layer not in self._templates:
-            return dense_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+            return dense_attention(module, query, key, value, attention_mask, **dense)
         if kwargs.get("softcap") is not None:
             raise ValueError("Top-k attention does not support attention logit soft-capping (softcap)")
         q_len = query.shape[2]
@@ -166,7 +175,7 @@ class TopkAttention:
             self._steps[layer] = 0
         hidden = self._hidden_history(layer, q_len, end) if self.source == "hidden" else None
         if q_len > 1 and self.prefill == "dense":
-            return dense_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+            return dense_attention(module, query, key, value, attention_mask, **dense)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         if q_len > 1:
             return self._sparse_prefill(layer, query, key, value, starts, end, hidden, scale), None
@@ -184,7 +193,8 @@ class TopkAttention:
         if row.dtype != torch.bool:
             row = row > torch.finfo(row.dtype).min / 2
         row = row.expand(batch, -1).int()
-        counts, firsts, lasts = torch.stack([row.sum(-1), row.argmax(-1), kv_len - 1 - row.flip(-1).argmax(-1)]).tolist()
+        last = kv_len - 1 - row.flip(-1).argmax(-1)
+        counts, firsts, lasts = torch.stack([row.sum(-1), row.argmax(-1), last]).tolist()
         for seq, (count, first, last) in enumerate(zip(counts, firsts, lasts)):
             if count == 0:
                 raise ValueError(f"sequence {seq} of the batch has no valid key at this step (an all-padding row?)")
@@ -203,7 +213,9 @@ class TopkAttention:
     def _capture_hidden(self, module, args, kwargs):
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         if hidden is None:
-            raise RuntimeError(f"found no hidden_states input to {type(module).__name__}; cannot feed a hidden-state indexer")
+            raise RuntimeError(
+                f"found no hidden_states input to {type(module).__name__}; cannot feed a hidden-state indexer"
+            )
         self._hidden_now[module.layer_idx] = hidden.detach()
 
     def _hidden_history(self, layer: int, q_len: int, end: int) -> torch.Tensor:
@@ -256,11 +268,12 @@ class TopkAttention:
         if state is None or state.starts != starts or state.end != end - 1:
             state = _LayerState(starts, end - 1)
         groups = _groups(starts, query.device)
-        if self._from_cache and not record and not (self.sinks or self.window) and groups[0][0] == 0 and len(groups) == 1:
-            k = resolve_k(self.k, end)
-            if k < end:  # select + attend in one kernel call: scores are reused, only V is gathered
-                per_kv_head = self.per == "group"
-                return kernels.topk_attention(query[:, :, 0], key, value, k, scale=scale, per_kv_head=per_kv_head)[:, None]
+        plain = not (record or self.sinks or self.window) and len(groups) == 1 and groups[0][0] == 0
+        if self._from_cache and plain and resolve_k(self.k, end) < end:
+            # select + attend in one kernel call: the selection's scores are reused, only V is gathered
+            out = kernels.topk_attention(query[:, :, 0], key, value, resolve_k(self.k, end), scale=scale,
+                                         per_kv_head=self.per == "group")
+            return out[:, None]
         queries = self._queries(query, hidden, end)
         picks = []
         for start, rows, seqs in groups:
@@ -359,7 +372,10 @@ def _template(indexer: IndexerChoice, layer: int) -> Indexer:
         return make(indexer)
     if isinstance(indexer, Indexer):
         return copy.deepcopy(indexer)
-    raise TypeError(f"indexer must be a spec string, an Indexer or a {{layer: spec or Indexer}} mapping, got {type(indexer).__name__}")
+    raise TypeError(
+        "indexer must be a spec string, an Indexer or a {layer: spec or Indexer} mapping, "
+        f"got {type(indexer).__name__}"
+    )
 
 
 def _groups(starts: tuple[int, ...], device) -> list[tuple[int, slice | torch.Tensor, list[int]]]:
