@@ -1,16 +1,16 @@
 """Exact Top-k selection for one decode step, near the cost of reading K once.
 
-Four small kernels instead of q.K^T + torch.topk (which reads the scores many times with one block per row):
+A few small kernels instead of q.K^T + torch.topk (which reads the scores many times with one block per row):
 
 1. ``_score_kernel`` streams K once (many programs per KV head), scores the G query heads of the group on the
    tensor cores, writes the fp32 scores (4*G bytes per key against 2*d to read the key) and the maximum of every
    block of ``bs`` keys.
-2. ``_threshold_kernel`` (one program per row) finds a value ``v`` with at least k block maxima >= v. Since those
-   blocks are disjoint, at least k keys score >= v: no key of the Top-k is below v, and with >= 4k blocks only
-   about 1.15k keys pass.
-3. ``_collect_kernel`` (many programs per row) appends the keys scoring >= v to a candidate list.
-4. ``_finalize_kernel`` (one program per row) finds the exact k-th largest candidate by narrowing histograms
-   (128 bins a pass over the candidates; ties go to the lower index) and writes the k winners.
+2. ``_block_histogram_kernel`` (twice: bits 31..25, then 24..18) histograms the block maxima of each row with
+   atomics, which gives a value ``v`` with at least k block maxima >= v. Since the blocks are disjoint, at least k
+   keys score >= v: no key of the Top-k is below v, and with >= 4k blocks only about 1.15k keys pass.
+3. ``_collect_kernel`` appends the keys scoring >= v to a candidate list (one atomic per program).
+4. ``_finalize_kernel`` (one program per row) finds the exact k-th largest candidate by narrowing radix
+   histograms (7 bits a pass over the candidates; ties go to the lower index) and writes the k winners.
 
 Scores and indices come back unordered unless ``sorted=True`` (a torch sort of the k winners). Scores are compared
 through an integer key whose signed order is the float order, so every step is exact.
@@ -23,7 +23,7 @@ import torch
 from topklab.checks import check_k
 from topklab.kernels._triton import HAS_TRITON, interpreting, next_pow2, tl, triton, use_triton
 
-HIST_BINS = 128
+HIST_BINS = 128  # 7 radix bits a level: the block-maxima levels use bits 31..25 and 24..18
 MAX_GROUP_BLOCK = 64  # query rows scored together against one key tile
 
 
@@ -109,21 +109,23 @@ def _row_lengths(lengths: torch.Tensor | None, keys: torch.Tensor, n_lead: int) 
 
 
 def _sort_best_first(scores: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Order rows by score descending, ties by index ascending (-1 padding last)."""
-    by_index = torch.where(indices < 0, torch.iinfo(torch.int64).max, indices).argsort(dim=-1)
-    scores, indices = scores.gather(-1, by_index), indices.gather(-1, by_index)
-    by_score = scores.argsort(dim=-1, descending=True, stable=True)
-    return scores.gather(-1, by_score), indices.gather(-1, by_score)
+    """Order rows by score descending, ties by index ascending (-1 padding, scored -inf, last): one sort of a
+    packed int64 key (the float's order-preserving bits, then the complemented index)."""
+    bits = scores.view(torch.int32)
+    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()
+    order = ((key << 32) | (0xFFFFFFFF - indices.clamp(min=0))).argsort(dim=-1, descending=True)
+    return scores.gather(-1, order), indices.gather(-1, order)
 
 
 def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, row_lengths: torch.Tensor | None, per_kv_head: bool):
-    """The four launches. Returns unordered ``scores [R, k]`` and ``indices [R, k]`` (R = output rows)."""
+    """The launches. Returns unordered ``scores [R, k]`` and ``indices [R, k]`` (R = output rows)."""
     if k3.stride(-1) != 1:
         k3 = k3.contiguous()
     q3 = q3.contiguous()
     n_lead, m, d = q3.shape
     n = k3.shape[1]
     rows = n_lead if per_kv_head else n_lead * m
+    rows_per_kv = rows // n_lead
     device = k3.device
     block_n = 64 if k3.dtype == torch.float32 else 128
     block_m = max(16, next_pow2(min(m, MAX_GROUP_BLOCK)))
@@ -131,8 +133,7 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, row_lengths: torch.Tenso
     # >= 4k blocks (so ~1.15k candidates), at most one tile per block
     block_size = max(1, min(block_n, _prev_pow2(n // (4 * k)) if n >= 4 * k else 1))
     n_blocks = triton.cdiv(n, block_size)
-    programs = _sm_count(device) * 4
-    splits = max(1, min(triton.cdiv(n, block_n), triton.cdiv(programs, n_lead * m_blocks)))
+    splits = max(1, min(triton.cdiv(n, block_n), triton.cdiv(4 * _sm_count(device), n_lead * m_blocks)))
     per_split = triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
     has_lengths = row_lengths is not None
     lengths_arg = row_lengths if has_lengths else q3  # unused pointer when there are no lengths
@@ -144,28 +145,26 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, row_lengths: torch.Tenso
         q3, k3, lengths_arg, scores, block_max, n, m, k3.stride(0), k3.stride(1), per_split, n_blocks,
         D=d, BLOCK_D=max(16, next_pow2(d)), BLOCK_M=block_m, BLOCK_N=block_n, BS=block_size,
         REDUCE_GROUP=per_kv_head, DOT_FP32=dot_fp32, HAS_LENGTHS=has_lengths,
-        num_warps=8 if block_m > 16 else 4, num_stages=3,
+        num_warps=8 if block_n == 128 else 4, num_stages=3,
     )
-    rows_per_kv = rows // n_lead
-    threshold = torch.empty(rows, dtype=torch.int32, device=device)
-    row_max = torch.empty(rows, dtype=torch.int32, device=device)
-    counter = torch.empty(rows, dtype=torch.int32, device=device)
-    _threshold_kernel[(rows,)](
-        block_max, lengths_arg, threshold, row_max, counter, n, n_blocks, k, rows_per_kv,
-        BS=block_size, NB=HIST_BINS, BLOCK_T=2048, LEVELS=2, HAS_LENGTHS=has_lengths, num_warps=8,
-    )
+    # two radix levels of 7 bits over the block maxima (histograms summed by atomics), then the candidates
+    workspace = torch.zeros(rows, 2 * HIST_BINS + 1, dtype=torch.int32, device=device)  # hist0, hist1, count
+    block_t = 2048
+    for level in (0, 1):
+        _block_histogram_kernel[(rows, triton.cdiv(n_blocks, block_t))](
+            block_max, lengths_arg, workspace, n, n_blocks, k, rows_per_kv,
+            LEVEL=level, BS=block_size, NB=HIST_BINS, BLOCK_T=block_t, HAS_LENGTHS=has_lengths, num_warps=8,
+        )
     candidates = torch.empty(rows, n, dtype=torch.int64, device=device)
-    block_c = 2048
-    c_splits = max(1, min(triton.cdiv(n, block_c), triton.cdiv(programs, rows)))
-    c_per_split = triton.cdiv(triton.cdiv(n, c_splits), block_c) * block_c
-    _collect_kernel[(rows, triton.cdiv(n, c_per_split))](
-        scores, lengths_arg, threshold, counter, candidates, n, c_per_split, rows_per_kv,
-        BLOCK_C=block_c, HAS_LENGTHS=has_lengths, num_warps=8,
+    block_c = 4096
+    _collect_kernel[(rows, triton.cdiv(n, block_c))](
+        scores, lengths_arg, workspace, candidates, n, k, rows_per_kv,
+        BS=block_size, NB=HIST_BINS, BLOCK_C=block_c, HAS_LENGTHS=has_lengths, num_warps=8,
     )
     out_scores = torch.empty(rows, k, dtype=torch.float32, device=device)
     out_indices = torch.empty(rows, k, dtype=torch.int64, device=device)
     _finalize_kernel[(rows,)](
-        candidates, counter, threshold, row_max, lengths_arg, out_scores, out_indices, n, k, rows_per_kv,
+        candidates, workspace, lengths_arg, out_scores, out_indices, n, k, rows_per_kv,
         NB=HIST_BINS, BLOCK_F=2048, HAS_LENGTHS=has_lengths, num_warps=8,
     )
     return out_scores, out_indices
@@ -201,22 +200,26 @@ if HAS_TRITON:
         return length
 
     @triton.jit
-    def _bin_of(key, lo, hi, NB: tl.constexpr):
-        """Bin of an int64 key in NB equal bins over [lo, hi]."""
-        return (((key - lo) * NB) // (hi - lo + 1)).to(tl.int32)
-
-    @triton.jit
-    def _pick_bin(hist, lo, hi, need, NB: tl.constexpr):
-        """The bin holding the need-th largest key: its [lo, hi], what is still needed from it, and its count."""
+    def _pick_bin(hist, need, NB: tl.constexpr):
+        """The bin (counting from the top) holding the need-th largest: (bin, need left inside it, its count)."""
         bins = tl.arange(0, NB)
-        above = tl.sum(tl.where(bins[None, :] > bins[:, None], hist[None, :], 0), axis=1)
-        b = tl.max(tl.where(above + hist >= need, bins, -1), axis=0).to(tl.int64)
+        above = tl.cumsum(hist, axis=0, reverse=True) - hist
+        b = tl.max(tl.where(above + hist >= need, bins, -1), axis=0)
         above_b = tl.sum(tl.where(bins == b, above, 0), axis=0)
         in_bin = tl.sum(tl.where(bins == b, hist, 0), axis=0)
-        width = hi - lo + 1
-        new_lo = lo + (b * width + NB - 1) // NB
-        new_hi = lo + ((b + 1) * width + NB - 1) // NB - 1
-        return new_lo, new_hi, need - above_b, in_bin
+        return b.to(tl.int64), need - above_b, in_bin
+
+    @triton.jit
+    def _row_threshold(ws_ptr, row, need, valid_blocks, NB: tl.constexpr):
+        """Key v with >= need block maxima >= v, from the two 7-bit radix histograms of the row."""
+        bins = tl.arange(0, NB)
+        hist0 = tl.load(ws_ptr + row * (2 * NB + 1) + bins)
+        hist1 = tl.load(ws_ptr + row * (2 * NB + 1) + NB + bins)
+        b0, need1, _ = _pick_bin(hist0, need, NB)
+        b1, _, _ = _pick_bin(hist1, need1, NB)
+        threshold = ((b0 << 25) | (b1 << 18)) - 2147483648
+        # too few blocks to bound anything (or nothing to select): every valid key is a candidate
+        return tl.where((valid_blocks < need) | (need == 0), -2147483648, threshold)
 
     @triton.jit
     def _score_kernel(q_ptr, k_ptr, len_ptr, s_ptr, bmax_ptr, N, M, stride_kl, stride_kn, per_split, n_blocks,
@@ -261,70 +264,66 @@ if HAS_TRITON:
                          mask=m_ok[:, None] & (blk[None, :] < n_blocks))
 
     @triton.jit
-    def _threshold_kernel(bmax_ptr, len_ptr, thr_ptr, rowmax_ptr, counter_ptr, N, n_blocks, k, rows_per_kv,
-                          BS: tl.constexpr, NB: tl.constexpr, BLOCK_T: tl.constexpr, LEVELS: tl.constexpr,
-                          HAS_LENGTHS: tl.constexpr):
-        """A key v with >= min(k, length) block maxima >= v; also the row's largest key; zeroes the counter."""
-        row = tl.program_id(0)
-        tl.store(counter_ptr + row, 0)
+    def _block_histogram_kernel(bmax_ptr, len_ptr, ws_ptr, N, n_blocks, k, rows_per_kv, LEVEL: tl.constexpr,
+                                BS: tl.constexpr, NB: tl.constexpr, BLOCK_T: tl.constexpr,
+                                HAS_LENGTHS: tl.constexpr):
+        """Radix histogram of a span of block maxima: bits 31..25 (level 0), or bits 24..18 inside the level-0
+        bin that holds the k-th largest (level 1); added into the row's histogram with atomics."""
+        row, part = tl.program_id(0), tl.program_id(1)
         length = _row_length(len_ptr, row, rows_per_kv, N, HAS_LENGTHS)
-        need = tl.minimum(k, length).to(tl.int64)
+        need = tl.minimum(k, length)
         valid_blocks = tl.cdiv(length, BS)
-        base = bmax_ptr + row.to(tl.int64) * n_blocks
-        offs = tl.arange(0, BLOCK_T)
-        lo = tl.full((), 2147483647, tl.int64)
-        hi = tl.full((), -2147483648, tl.int64)
-        for i0 in range(0, valid_blocks, BLOCK_T):
-            ok = i0 + offs < valid_blocks
-            key = _ordered_key(tl.load(base + i0 + offs, mask=ok, other=0.0)).to(tl.int64)
-            lo = tl.minimum(lo, tl.min(tl.where(ok, key, 2147483647), axis=0))
-            hi = tl.maximum(hi, tl.max(tl.where(ok, key, -2147483648), axis=0))
-        tl.store(rowmax_ptr + row, hi.to(tl.int32))
-        found = (valid_blocks < need) | (need == 0)  # too few blocks to bound anything: take every valid key
-        lo = tl.where(found, -2147483648, lo)
-        for _ in tl.static_range(LEVELS):
-            if found == 0:
-                hist = tl.zeros((NB,), dtype=tl.int32)
-                for i0 in range(0, valid_blocks, BLOCK_T):
-                    ok = i0 + offs < valid_blocks
-                    key = _ordered_key(tl.load(base + i0 + offs, mask=ok, other=0.0)).to(tl.int64)
-                    ok = ok & (key >= lo) & (key <= hi)
-                    hist += tl.histogram(tl.where(ok, _bin_of(key, lo, hi, NB), 0), NB, mask=ok)
-                lo, hi, need, in_bin = _pick_bin(hist, lo, hi, need, NB)
-                found = (in_bin == need) | (lo == hi)
-        tl.store(thr_ptr + row, lo.to(tl.int32))
+        i = part * BLOCK_T + tl.arange(0, BLOCK_T)
+        ok = i < valid_blocks
+        ukey = _ordered_key(tl.load(bmax_ptr + row.to(tl.int64) * n_blocks + i, mask=ok, other=0.0)).to(tl.int64)
+        ukey += 2147483648
+        if LEVEL == 0:
+            bins = (ukey >> 25).to(tl.int32)
+        else:
+            hist0 = tl.load(ws_ptr + row * (2 * NB + 1) + tl.arange(0, NB))
+            b0, _, _ = _pick_bin(hist0, need, NB)
+            ok = ok & ((ukey >> 25) == b0)
+            bins = ((ukey >> 18) & (NB - 1)).to(tl.int32)
+        ok = ok & (valid_blocks >= need)
+        hist = tl.histogram(tl.where(ok, bins, 0), NB, mask=ok)
+        target = ws_ptr + row * (2 * NB + 1) + LEVEL * NB + tl.arange(0, NB)
+        tl.atomic_add(target, hist, mask=hist > 0)
 
     @triton.jit
-    def _collect_kernel(s_ptr, len_ptr, thr_ptr, counter_ptr, cand_ptr, N, per_split, rows_per_kv,
+    def _collect_kernel(s_ptr, len_ptr, ws_ptr, cand_ptr, N, k, rows_per_kv, BS: tl.constexpr, NB: tl.constexpr,
                         BLOCK_C: tl.constexpr, HAS_LENGTHS: tl.constexpr):
-        """Append (key << 32 | index) of every valid key scoring >= the row's threshold."""
-        row, split = tl.program_id(0), tl.program_id(1)
+        """Append (key << 32 | index) of every valid key scoring >= the row's threshold (one atomic a program)."""
+        row, part = tl.program_id(0), tl.program_id(1)
         length = _row_length(len_ptr, row, rows_per_kv, N, HAS_LENGTHS)
-        threshold = tl.load(thr_ptr + row)
+        need = tl.minimum(k, length)
+        threshold = _row_threshold(ws_ptr, row, need, tl.cdiv(length, BS), NB)
         base = row.to(tl.int64) * N
-        start = split * per_split
-        for n0 in range(start, tl.minimum(start + per_split, length), BLOCK_C):
-            n = n0 + tl.arange(0, BLOCK_C)
-            ok = n < length
-            key = _ordered_key(tl.load(s_ptr + base + n, mask=ok, other=0.0))
-            take = ok & (key >= threshold)
-            count = tl.sum(take.to(tl.int32), axis=0)
-            first = tl.atomic_add(counter_ptr + row, count)
-            slot = first + tl.cumsum(take.to(tl.int32), axis=0) - 1
-            tl.store(cand_ptr + base + slot, (key.to(tl.int64) << 32) | n, mask=take)
+        n = part * BLOCK_C + tl.arange(0, BLOCK_C)
+        ok = n < length
+        key = _ordered_key(tl.load(s_ptr + base + n, mask=ok, other=0.0))
+        take = ok & (key >= threshold)
+        count = tl.sum(take.to(tl.int32), axis=0)
+        first = tl.atomic_add(ws_ptr + row * (2 * NB + 1) + 2 * NB, count, mask=count > 0)
+        slot = first + tl.cumsum(take.to(tl.int32), axis=0) - 1
+        tl.store(cand_ptr + base + slot, (key.to(tl.int64) << 32) | n, mask=take)
 
     @triton.jit
-    def _finalize_kernel(cand_ptr, counter_ptr, thr_ptr, rowmax_ptr, len_ptr, out_s_ptr, out_i_ptr, N, k,
-                         rows_per_kv, NB: tl.constexpr, BLOCK_F: tl.constexpr, HAS_LENGTHS: tl.constexpr):
-        """Exact Top-k of the candidates: narrow [lo, hi] by histograms until the cut is known, then write."""
+    def _finalize_kernel(cand_ptr, ws_ptr, len_ptr, out_s_ptr, out_i_ptr, N, k, rows_per_kv,
+                         NB: tl.constexpr, BLOCK_F: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+        """Exact Top-k of the candidates: narrow [lo, hi] by radix histograms until the cut is known, then write."""
         row = tl.program_id(0)
-        count = tl.load(counter_ptr + row)
+        count = tl.load(ws_ptr + row * (2 * NB + 1) + 2 * NB)
         length = _row_length(len_ptr, row, rows_per_kv, N, HAS_LENGTHS)
         k_eff = tl.minimum(k, length)
         base = row.to(tl.int64) * N
         offs = tl.arange(0, BLOCK_F)
-        lo = tl.load(thr_ptr + row).to(tl.int64)
-        hi = tl.load(rowmax_ptr + row).to(tl.int64)
+        lo = tl.full((), 2147483647, tl.int64)
+        hi = tl.full((), -2147483648, tl.int64)
+        for i0 in range(0, count, BLOCK_F):
+            ok = i0 + offs < count
+            key = tl.load(cand_ptr + base + i0 + offs, mask=ok, other=0) >> 32
+            lo = tl.minimum(lo, tl.min(tl.where(ok, key, 2147483647), axis=0))
+            hi = tl.maximum(hi, tl.max(tl.where(ok, key, -2147483648), axis=0))
         need = k_eff.to(tl.int64)
         # phase 0 narrows on the score key; phase 1 breaks a tie at key == tie_key by lowest index (key2 = -index)
         phase = tl.full((), 0, tl.int32)
@@ -334,14 +333,19 @@ if HAS_TRITON:
         done = need <= 0
         steps = tl.full((), 0, tl.int32)
         while (~done) & (steps < 80):
+            shift = tl.full((), 0, tl.int64)
+            while ((hi - lo) >> shift) >= NB:
+                shift += 1
             hist = tl.zeros((NB,), dtype=tl.int32)
             for i0 in range(0, count, BLOCK_F):
                 packed = tl.load(cand_ptr + base + i0 + offs, mask=i0 + offs < count, other=0)
                 key = packed >> 32
                 sort_key = tl.where(phase == 0, key, -(packed & 0xFFFFFFFF))
                 ok = (i0 + offs < count) & ((phase == 0) | (key == tie_key)) & (sort_key >= lo) & (sort_key <= hi)
-                hist += tl.histogram(tl.where(ok, _bin_of(sort_key, lo, hi, NB), 0), NB, mask=ok)
-            new_lo, new_hi, need, in_bin = _pick_bin(hist, lo, hi, need, NB)
+                hist += tl.histogram(tl.where(ok, (sort_key - lo) >> shift, 0).to(tl.int32), NB, mask=ok)
+            b, need, in_bin = _pick_bin(hist, need, NB)
+            new_lo = lo + (b << shift)
+            new_hi = tl.minimum(hi, new_lo + (tl.full((), 1, tl.int64) << shift) - 1)
             done = in_bin == need
             tie = (~done) & (new_lo == new_hi) & (phase == 0)
             cut_key = tl.where(done, tl.where(phase == 0, new_lo - 1, tie_key), cut_key)
