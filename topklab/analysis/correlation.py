@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -89,11 +90,29 @@ class _Design:
         estimate = on_indices(*[np.arange(len(s)) for s in self.strata])
         if min(len(s) for s in self.strata) < 2:
             raise ValueError(f"{self.n_units} sample(s): a bootstrap over samples needs at least 2")
-        with np.errstate(invalid="ignore", divide="ignore"):
-            result = stats.bootstrap([np.arange(len(s)) for s in self.strata], on_indices, n_resamples=n_resamples,
-                                     vectorized=True, paired=False, confidence_level=confidence_level,
-                                     method=method, rng=np.random.default_rng(seed))
+        result = bootstrap([np.arange(len(s)) for s in self.strata], on_indices, n_resamples=n_resamples,
+                           vectorized=True, paired=False, confidence_level=confidence_level, method=method, seed=seed)
         return estimate, result
+
+
+def bootstrap(data, statistic, confidence_level: float = 0.95, seed: int = 0, **kwargs):
+    """``scipy.stats.bootstrap`` with a seed, where a statistic undefined in some replicates (a correlation of a
+    resample that happens to be constant) or a degenerate distribution (a Spearman rho of 1 in every replicate, where
+    BCa has no interval) gets the percentile interval of its finite replicates instead of NaN."""
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+        result = stats.bootstrap(data, statistic, confidence_level=confidence_level, rng=np.random.default_rng(seed),
+                                 **kwargs)
+    low, high = np.atleast_1d(result.confidence_interval.low), np.atleast_1d(result.confidence_interval.high)
+    replicates = np.atleast_2d(result.bootstrap_distribution)
+    tail = (1 - confidence_level) / 2 * 100
+    for i in np.flatnonzero(np.isnan(low) | np.isnan(high)):
+        finite = replicates[i][np.isfinite(replicates[i])]
+        if len(finite):
+            low[i], high[i] = np.percentile(finite, [tail, 100 - tail])
+    if np.ndim(result.confidence_interval.low) == 0:
+        low, high = low[0], high[0]
+    return dataclasses.replace(result, confidence_interval=type(result.confidence_interval)(low, high))
 
 
 def _design(results: pd.DataFrame, metrics: Sequence[str], require: Sequence[str] = ()) -> _Design:
@@ -116,6 +135,8 @@ def _design(results: pd.DataFrame, metrics: Sequence[str], require: Sequence[str
     for name in require:
         has = frame.groupby("_config")[name].apply(lambda s: s.notna().any()).to_numpy()
         keep &= has
+    if not keep.any():
+        raise ValueError(f"no configuration has recorded {', '.join(require)}: run the eval with recording on")
     cells = frame[frame["_config"].isin(np.flatnonzero(keep))]
     table = cells.pivot_table(index="_unit", columns="_config", values=["score", *metrics], aggfunc="mean",
                               dropna=False)

@@ -21,9 +21,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from scipy import stats
 
-from topklab.analysis.correlation import spearman
+from topklab.analysis.correlation import bootstrap, spearman
 from topklab.fidelity.traces import LayerTrace, TraceFile
 
 log = logging.getLogger(__name__)
@@ -136,10 +135,8 @@ def entropy_mass_relation(rows: pd.DataFrame, n_resamples: int = 2000, confidenc
             record = {"model": model, "k": k, "heads": len(heads), "rho": np.nan, "ci_low": np.nan, "ci_high": np.nan}
             if len(heads) >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0:
                 record["rho"] = float(spearman(x, y))
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    ci = stats.bootstrap((x, y), spearman, paired=True, vectorized=True, n_resamples=n_resamples,
-                                         method="percentile", confidence_level=confidence_level,
-                                         rng=np.random.default_rng(seed))
+                ci = bootstrap((x, y), spearman, paired=True, vectorized=True, n_resamples=n_resamples,
+                               method="percentile", confidence_level=confidence_level, seed=seed)
                 record["ci_low"], record["ci_high"] = ci.confidence_interval
             out.append(record)
     return pd.DataFrame(out)
@@ -166,8 +163,8 @@ def entropy_shift(rows: pd.DataFrame, baseline: str, column: str = "norm_entropy
             record = {"model": model, "baseline": baseline, "layer": layer, "prompts": len(values),
                       "shift": values.mean(), "ci_low": np.nan, "ci_high": np.nan}
             if len(values) >= 2 and np.ptp(values) > 0:
-                ci = stats.bootstrap((values,), np.mean, n_resamples=n_resamples, method="percentile",
-                                     confidence_level=confidence_level, rng=np.random.default_rng(seed))
+                ci = bootstrap((values,), np.mean, n_resamples=n_resamples, method="percentile",
+                               confidence_level=confidence_level, seed=seed)
                 record["ci_low"], record["ci_high"] = ci.confidence_interval
             out.append(record)
     table = pd.DataFrame(out)
