@@ -102,7 +102,7 @@ def _attend(q, keys, values, indices, scale: float, selected_scores: torch.Tenso
     idx = indices.reshape(b * n_sel, k).contiguous()
     sel_rows = b * n_sel
     block_k = 64
-    splits = max(1, min(triton.cdiv(k, block_k), triton.cdiv(2 * _sm_count(q.device), sel_rows)))
+    splits = max(1, min(triton.cdiv(k, block_k), triton.cdiv(4 * _sm_count(q.device), sel_rows)))
     per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
     splits = triton.cdiv(k, per_split)
     block_m = max(16, next_pow2(group))
@@ -118,7 +118,7 @@ def _attend(q, keys, values, indices, scale: float, selected_scores: torch.Tenso
         HAS_SCORES=has_scores, DOT_FP32=dot_fp32, num_warps=4,
     )
     out = torch.empty(b * hq, d, dtype=q.dtype, device=q.device)
-    _merge_kernel[(sel_rows,)](part_max, part_sum, part_acc, out, group, splits,
+    _merge_kernel[(sel_rows, group)](part_max, part_sum, part_acc, out, group, splits,
                                D=d, BLOCK_D=max(16, next_pow2(d)), BLOCK_M=block_m,
                                BLOCK_S=max(2, next_pow2(splits)), num_warps=4)
     return out.view(b, hq, d)
@@ -182,20 +182,18 @@ if HAS_TRITON:
     @triton.jit
     def _merge_kernel(pmax_ptr, psum_ptr, pacc_ptr, out_ptr, group, splits, D: tl.constexpr,
                       BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
-        """Merge the splits' softmax states of one selection row; zeros where nothing was selected."""
-        row = tl.program_id(0)
+        """Merge the splits' softmax states of one query head of a selection row; zeros where nothing was selected."""
+        row, g = tl.program_id(0), tl.program_id(1)
         sp = tl.arange(0, BLOCK_S)
         dd = tl.arange(0, BLOCK_D)
         base = row.to(tl.int64) * splits
-        for g in range(0, group):
-            s_ok = sp < splits
-            maxes = tl.load(pmax_ptr + (base + sp) * BLOCK_M + g, mask=s_ok, other=float("-inf"))
-            sums = tl.load(psum_ptr + (base + sp) * BLOCK_M + g, mask=s_ok, other=0.0)
-            accs = tl.load(pacc_ptr + ((base + sp[:, None]) * BLOCK_M + g) * D + dd[None, :],
-                           mask=s_ok[:, None] & (dd[None, :] < D), other=0.0)
-            top = tl.max(maxes, axis=0)
-            weight = tl.exp(maxes - tl.where(top == float("-inf"), 0.0, top))
-            total = tl.sum(weight * sums, axis=0)
-            out = tl.sum(weight[:, None] * accs, axis=0) / tl.where(total > 0, total, 1.0)
-            tl.store(out_ptr + (row * group + g).to(tl.int64) * D + dd, out.to(out_ptr.dtype.element_ty),
-                     mask=dd < D)
+        s_ok = sp < splits
+        maxes = tl.load(pmax_ptr + (base + sp) * BLOCK_M + g, mask=s_ok, other=float("-inf"))
+        sums = tl.load(psum_ptr + (base + sp) * BLOCK_M + g, mask=s_ok, other=0.0)
+        accs = tl.load(pacc_ptr + ((base + sp[:, None]) * BLOCK_M + g) * D + dd[None, :],
+                       mask=s_ok[:, None] & (dd[None, :] < D), other=0.0)
+        top = tl.max(maxes, axis=0)
+        weight = tl.exp(maxes - tl.where(top == float("-inf"), 0.0, top))
+        total = tl.sum(weight * sums, axis=0)
+        out = tl.sum(weight[:, None] * accs, axis=0) / tl.where(total > 0, total, 1.0)
+        tl.store(out_ptr + (row * group + g).to(tl.int64) * D + dd, out.to(out_ptr.dtype.element_ty), mask=dd < D)
