@@ -33,7 +33,7 @@ import os
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -156,7 +156,7 @@ class WorkItem:
     task: Task
     length: int
     index: int
-    key: str = field(compare=False, default="")
+    key: str = ""  # the sample key: what its prompt and prefill depend on
 
 
 def run_evaluation(config: EvalConfig, model=None, tokenizer=None, shard: Shard | None = None) -> pd.DataFrame:
@@ -197,8 +197,14 @@ def run_evaluation(config: EvalConfig, model=None, tokenizer=None, shard: Shard 
         window = getattr(model.config, "max_position_embeddings", None)
         if window is not None and max(config.lengths) > window:
             raise ValueError(f"length {max(config.lengths)} exceeds {config.model}'s window of {window} tokens")
+        first = {}  # fail on a length too short for a task now, not after hours of other work
+        for item, _ in todo:
+            first.setdefault((item.task.label, item.length), item)
+        samples = {item.key: item.task.sample(codec, item.length, item.index, config.seed, config.max_new_tokens)
+                   for item in first.values()}
         for item, pending in tqdm(todo, desc=f"eval rank {shard.rank}", unit="sample", position=shard.rank):
-            sample = item.task.sample(codec, item.length, item.index, config.seed, config.max_new_tokens)
+            sample = samples.pop(item.key, None) or item.task.sample(codec, item.length, item.index, config.seed,
+                                                                  config.max_new_tokens)
             rows, details = evaluate_sample(model, codec, item.task, sample, pending, detail=config.fidelity_detail)
             frame = pd.DataFrame(rows).assign(model=config.model, rank=shard.rank, sample_key=item.key)
             name = f"{_slug(sample.task)}-L{item.length}-s{item.index}-{item.key[:12]}-{_digest([c.ident for c in pending])[:8]}"
