@@ -8,8 +8,9 @@ A few small kernels instead of q.K^T + torch.topk (which reads the scores many t
 2. ``_block_histogram_kernel`` (twice: bits 31..25, then 24..18) histograms the block maxima of each row with
    atomics, which gives a value ``v`` with at least k block maxima >= v. Since the blocks are disjoint, at least k
    keys score >= v: no key of the Top-k is below v, and with >= 4k blocks only about 1.15k keys pass.
-3. ``_select_kernel`` (one program per row) gathers the keys scoring >= v as candidates, finds the exact k-th
-   largest of them by narrowing radix histograms (7 bits a pass; ties go to the lower index) and writes the k.
+3. ``_collect_kernel`` appends the keys scoring >= v to a candidate list (one atomic per program).
+4. ``_finalize_kernel`` (one program per row) finds the exact k-th largest candidate by narrowing radix
+   histograms (7 bits a pass over the candidates; ties go to the lower index) and writes the k winners.
 
 Scores and indices come back unordered unless ``sorted=True`` (a torch sort of the k winners). Scores are compared
 through an integer key whose signed order is the float order, so every step is exact.
@@ -144,10 +145,10 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, row_lengths: torch.Tenso
         q3, k3, lengths_arg, scores, block_max, n, m, k3.stride(0), k3.stride(1), per_split, n_blocks,
         D=d, BLOCK_D=max(16, next_pow2(d)), BLOCK_M=block_m, BLOCK_N=block_n, BS=block_size,
         REDUCE_GROUP=per_kv_head, DOT_FP32=dot_fp32, HAS_LENGTHS=has_lengths,
-        num_warps=4, num_stages=3,
+        num_warps=8 if block_n == 128 else 4, num_stages=3,
     )
     # two radix levels of 7 bits over the block maxima (histograms summed by atomics), then the candidates
-    workspace = torch.zeros(rows, 2 * HIST_BINS, dtype=torch.int32, device=device)  # the two histograms
+    workspace = torch.zeros(rows, 2 * HIST_BINS + 1, dtype=torch.int32, device=device)  # hist0, hist1, count
     block_t = 2048
     for level in (0, 1):
         _block_histogram_kernel[(rows, triton.cdiv(n_blocks, block_t))](
@@ -155,11 +156,16 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, row_lengths: torch.Tenso
             LEVEL=level, BS=block_size, NB=HIST_BINS, BLOCK_T=block_t, HAS_LENGTHS=has_lengths, num_warps=8,
         )
     candidates = torch.empty(rows, n, dtype=torch.int64, device=device)
+    block_c = 4096
+    _collect_kernel[(rows, triton.cdiv(n, block_c))](
+        scores, lengths_arg, workspace, candidates, n, k, rows_per_kv,
+        BS=block_size, NB=HIST_BINS, BLOCK_C=block_c, HAS_LENGTHS=has_lengths, num_warps=8,
+    )
     out_scores = torch.empty(rows, k, dtype=torch.float32, device=device)
     out_indices = torch.empty(rows, k, dtype=torch.int64, device=device)
-    _select_kernel[(rows,)](
-        scores, lengths_arg, workspace, candidates, out_scores, out_indices, n, k, rows_per_kv,
-        BS=block_size, NB=HIST_BINS, BLOCK_C=8192, BLOCK_F=4096, HAS_LENGTHS=has_lengths, num_warps=8,
+    _finalize_kernel[(rows,)](
+        candidates, workspace, lengths_arg, out_scores, out_indices, n, k, rows_per_kv,
+        NB=HIST_BINS, BLOCK_F=2048, HAS_LENGTHS=has_lengths, num_warps=8,
     )
     return out_scores, out_indices
 
@@ -207,8 +213,8 @@ if HAS_TRITON:
     def _row_threshold(ws_ptr, row, need, valid_blocks, NB: tl.constexpr):
         """Key v with >= need block maxima >= v, from the two 7-bit radix histograms of the row."""
         bins = tl.arange(0, NB)
-        hist0 = tl.load(ws_ptr + row * (2 * NB) + bins)
-        hist1 = tl.load(ws_ptr + row * (2 * NB) + NB + bins)
+        hist0 = tl.load(ws_ptr + row * (2 * NB + 1) + bins)
+        hist1 = tl.load(ws_ptr + row * (2 * NB + 1) + NB + bins)
         b0, need1, _ = _pick_bin(hist0, need, NB)
         b1, _, _ = _pick_bin(hist1, need1, NB)
         threshold = ((b0 << 25) | (b1 << 18)) - 2147483648
@@ -274,41 +280,50 @@ if HAS_TRITON:
         if LEVEL == 0:
             bins = (ukey >> 25).to(tl.int32)
         else:
-            hist0 = tl.load(ws_ptr + row * (2 * NB) + tl.arange(0, NB))
+            hist0 = tl.load(ws_ptr + row * (2 * NB + 1) + tl.arange(0, NB))
             b0, _, _ = _pick_bin(hist0, need, NB)
             ok = ok & ((ukey >> 25) == b0)
             bins = ((ukey >> 18) & (NB - 1)).to(tl.int32)
         ok = ok & (valid_blocks >= need)
         hist = tl.histogram(tl.where(ok, bins, 0), NB, mask=ok)
-        target = ws_ptr + row * (2 * NB) + LEVEL * NB + tl.arange(0, NB)
+        target = ws_ptr + row * (2 * NB + 1) + LEVEL * NB + tl.arange(0, NB)
         tl.atomic_add(target, hist, mask=hist > 0)
 
     @triton.jit
-    def _select_kernel(s_ptr, len_ptr, ws_ptr, cand_ptr, out_s_ptr, out_i_ptr, N, k, rows_per_kv,
-                       BS: tl.constexpr, NB: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr,
-                       HAS_LENGTHS: tl.constexpr):
-        """One row: gather the keys scoring >= the threshold as (key << 32 | index) candidates, then find the exact
-        k-th largest by narrowing radix histograms (7 bits a pass; ties go to the lower index) and write the k."""
+    def _collect_kernel(s_ptr, len_ptr, ws_ptr, cand_ptr, N, k, rows_per_kv, BS: tl.constexpr, NB: tl.constexpr,
+                        BLOCK_C: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+        """Append (key << 32 | index) of every valid key scoring >= the row's threshold (one atomic a program)."""
+        row, part = tl.program_id(0), tl.program_id(1)
+        length = _row_length(len_ptr, row, rows_per_kv, N, HAS_LENGTHS)
+        need = tl.minimum(k, length)
+        threshold = _row_threshold(ws_ptr, row, need, tl.cdiv(length, BS), NB)
+        base = row.to(tl.int64) * N
+        n = part * BLOCK_C + tl.arange(0, BLOCK_C)
+        ok = n < length
+        key = _ordered_key(tl.load(s_ptr + base + n, mask=ok, other=0.0))
+        take = ok & (key >= threshold)
+        count = tl.sum(take.to(tl.int32), axis=0)
+        first = tl.atomic_add(ws_ptr + row * (2 * NB + 1) + 2 * NB, count, mask=count > 0)
+        slot = first + tl.cumsum(take.to(tl.int32), axis=0) - 1
+        tl.store(cand_ptr + base + slot, (key.to(tl.int64) << 32) | n, mask=take)
+
+    @triton.jit
+    def _finalize_kernel(cand_ptr, ws_ptr, len_ptr, out_s_ptr, out_i_ptr, N, k, rows_per_kv,
+                         NB: tl.constexpr, BLOCK_F: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+        """Exact Top-k of the candidates: narrow [lo, hi] by radix histograms until the cut is known, then write."""
         row = tl.program_id(0)
+        count = tl.load(ws_ptr + row * (2 * NB + 1) + 2 * NB)
         length = _row_length(len_ptr, row, rows_per_kv, N, HAS_LENGTHS)
         k_eff = tl.minimum(k, length)
-        threshold = _row_threshold(ws_ptr, row, k_eff, tl.cdiv(length, BS), NB)
         base = row.to(tl.int64) * N
-        count = tl.full((), 0, tl.int32)
+        offs = tl.arange(0, BLOCK_F)
         lo = tl.full((), 2147483647, tl.int64)
         hi = tl.full((), -2147483648, tl.int64)
-        for n0 in range(0, tl.where(k_eff > 0, length, 0), BLOCK_C):
-            n = n0 + tl.arange(0, BLOCK_C)
-            ok = n < length
-            key = _ordered_key(tl.load(s_ptr + base + n, mask=ok, other=0.0))
-            take = ok & (key >= threshold)
-            slot = count + tl.cumsum(take.to(tl.int32), axis=0) - 1
-            tl.store(cand_ptr + base + slot, (key.to(tl.int64) << 32) | n, mask=take)
-            count += tl.sum(take.to(tl.int32), axis=0)
-            lo = tl.minimum(lo, tl.min(tl.where(take, key, 2147483647), axis=0).to(tl.int64))
-            hi = tl.maximum(hi, tl.max(tl.where(take, key, -2147483648), axis=0).to(tl.int64))
-        tl.debug_barrier()  # the candidates written above are read back by other threads of this program
-        offs = tl.arange(0, BLOCK_F)
+        for i0 in range(0, count, BLOCK_F):
+            ok = i0 + offs < count
+            key = tl.load(cand_ptr + base + i0 + offs, mask=ok, other=0) >> 32
+            lo = tl.minimum(lo, tl.min(tl.where(ok, key, 2147483647), axis=0))
+            hi = tl.maximum(hi, tl.max(tl.where(ok, key, -2147483648), axis=0))
         need = k_eff.to(tl.int64)
         # phase 0 narrows on the score key; phase 1 breaks a tie at key == tie_key by lowest index (key2 = -index)
         phase = tl.full((), 0, tl.int32)
