@@ -1,4 +1,4 @@
-"""The `topklab` command line: `recall` (the main job), `generate`, and `indexers` (what is registered)."""
+"""The `topklab` command line: `recall` (the main job), `generate`, `eval`, `report`, and `indexers`."""
 
 from __future__ import annotations
 
@@ -77,11 +77,27 @@ def _add_generate(sub) -> None:
     p.set_defaults(run=run_generate)
 
 
+def _add_eval(sub) -> None:
+    from topklab.tasks.cli import add_eval_arguments, run_eval
+
+    p = sub.add_parser("eval", help="downstream task accuracy under Top-k decoding (resumable, torchrun-shardable)")
+    add_eval_arguments(p)
+    p.set_defaults(run=run_eval)
+
+
+def _add_report(sub) -> None:
+    from topklab.analysis.report import add_report_arguments, run_report
+
+    p = sub.add_parser("report", help="write a markdown report (tables and figures) of a results folder")
+    add_report_arguments(p)
+    p.set_defaults(run=run_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="topklab", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_recall, _add_generate, _add_indexers):
+    for add in (_add_recall, _add_generate, _add_eval, _add_report, _add_indexers):
         add(sub)
     return parser
 
