@@ -190,7 +190,7 @@ def test_two_torchrun_processes_shard_the_samples(tmp_path):
     """The same command under torchrun: two CPU ranks, disjoint shards, merged by rank 0."""
     out = tmp_path / "out"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "topklab.tasks.cli", "--model", "tiny-llama", "--tasks", "passkey", "--lengths", "2048",
+               "-m", "topklab.cli", "eval", "--model", "tiny-llama", "--tasks", "passkey", "--lengths", "2048",
                "--samples", "4", "--indexers", "dense", "exact", "--k", "16", "--max-new-tokens", "3",
                "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}

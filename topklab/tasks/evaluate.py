@@ -6,12 +6,16 @@ prefill dense as in the study), recording recall@k, attention-mass recall and ou
 answer token comes from the shared dense prefill. Hidden-state indexers (``source="hidden"``) need the prompt's
 hidden states, so they prefill again inside their own context (same dense prefill, computed twice).
 
-Output folder (columns: /work/notes/eval_schema.md, i.e. `COLUMNS` plus a few extras):
-    cells/*.parquet     one file per (sample, run), written atomically; finished work is skipped on re-runs,
-                        a killed run leaves no half-written file and redoes at most the sample it was in
-    fidelity/*.parquet  per step/layer/head recorder rows (with ``fidelity_detail``)
+Output folder (columns: /work/notes/eval_schema.md, i.e. `COLUMNS` plus `EXTRA_COLUMNS`):
+    cells/*.parquet     one file per (sample, run), written atomically; finished (sample, configuration) pairs
+                        are skipped on re-runs, a killed run leaves no half-written file and redoes at most the
+                        sample it was in; adding an indexer or a k later decodes only the new configurations
+    fidelity/*.parquet  per step/layer/head recorder rows (``fidelity_detail``; for the samples decoded in that
+                        run), recorder columns plus task, length, sample, indexer, k (its own count: ``k_keys``)
     results.parquet     all cells merged (rank 0, after every rank finished); `read_results` merges on demand
     config.json
+``k`` is stored as a float (16.0 = 16 keys, 0.05 = 5% of the context; NaN for dense); the ``config`` column tells
+an int from a float where that matters (k=1 key vs the ratio 1.0).
 
 Scale-out without a launcher of our own: run the same command under ``torchrun --nproc-per-node N`` (or
 ``accelerate launch``). Each rank reads RANK / WORLD_SIZE / LOCAL_RANK, takes the samples ``rank::world`` of the
