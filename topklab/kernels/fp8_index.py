@@ -74,13 +74,15 @@ def _check_index_inputs(q_fp8, q_scale, k_fp8, k_scale, weights):
                          f"{tuple(k_fp8.shape)}")
     B, M, H, d = q_fp8.shape
     if k_fp8.shape[0] != B or k_fp8.shape[2] != d:
-        raise ValueError(f"k_fp8 {tuple(k_fp8.shape)} does not match q_fp8 {tuple(q_fp8.shape)}: need [B={B}, N, d={d}]")
+        raise ValueError(f"k_fp8 {tuple(k_fp8.shape)} does not match q_fp8 {tuple(q_fp8.shape)}: need "
+                         f"[B={B}, N, d={d}]")
     if d > MAX_INDEX_DIM:
         raise ValueError(f"index head dim d = {d} > {MAX_INDEX_DIM}: one scale per row needs d <= 128")
     N = k_fp8.shape[1]
     q_scale = q_scale.squeeze(-1) if q_scale.dim() == 4 and q_scale.shape[-1] == 1 else q_scale
     k_scale = k_scale.squeeze(-1) if k_scale.dim() == 3 and k_scale.shape[-1] == 1 else k_scale
-    for name, t, shape in (("q_scale", q_scale, (B, M, H)), ("k_scale", k_scale, (B, N)), ("weights", weights, (B, M, H))):
+    expected = (("q_scale", q_scale, (B, M, H)), ("k_scale", k_scale, (B, N)), ("weights", weights, (B, M, H)))
+    for name, t, shape in expected:
         if tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {list(shape)}, got {tuple(t.shape)}")
         if t.device != q_fp8.device or k_fp8.device != q_fp8.device:
@@ -121,7 +123,7 @@ def fp8_index_scores(q_fp8, q_scale, k_fp8, k_scale, weights) -> torch.Tensor:
 
 if HAS_TRITON:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M", "N"])  # the index cache grows by one key a decode step: compile once
     def _fp8_index_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, w_ptr, out_ptr, M, N, H, D,
                           BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                           QUERIES_PER_PROGRAM: tl.constexpr):

@@ -133,16 +133,20 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, row_lengths: torch.Tenso
     # >= 4k blocks (so ~1.15k candidates), at most one tile per block
     block_size = max(1, min(block_n, _prev_pow2(n // (4 * k)) if n >= 4 * k else 1))
     n_blocks = triton.cdiv(n, block_size)
+    # row strides padded to 16 so that Triton's divisibility specialisation stays fixed as N grows while decoding
+    # (N itself is not specialised): one compilation per configuration, vectorised row accesses
+    row_stride, bmax_stride = _round16(n), _round16(n_blocks)
     splits = max(1, min(triton.cdiv(n, block_n), triton.cdiv(4 * _sm_count(device), n_lead * m_blocks)))
     per_split = triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
     has_lengths = row_lengths is not None
     lengths_arg = row_lengths if has_lengths else q3  # unused pointer when there are no lengths
     dot_fp32 = k3.dtype == torch.float32 or q3.dtype == torch.float32 or interpreting() or q3.dtype != k3.dtype
 
-    scores = torch.empty(rows, n, dtype=torch.float32, device=device)
-    block_max = torch.empty(rows, n_blocks, dtype=torch.float32, device=device)
+    scores = torch.empty(rows, row_stride, dtype=torch.float32, device=device)
+    block_max = torch.empty(rows, bmax_stride, dtype=torch.float32, device=device)
     _score_kernel[(n_lead * m_blocks, triton.cdiv(n, per_split))](
-        q3, k3, lengths_arg, scores, block_max, n, m, k3.stride(0), k3.stride(1), per_split, n_blocks,
+        q3, k3, lengths_arg, scores, block_max, n, m, k3.stride(0), k3.stride(1), per_split, n_blocks, row_stride,
+        bmax_stride,
         D=d, BLOCK_D=max(16, next_pow2(d)), BLOCK_M=block_m, BLOCK_N=block_n, BS=block_size,
         REDUCE_GROUP=per_kv_head, DOT_FP32=dot_fp32, HAS_LENGTHS=has_lengths,
         num_warps=8 if block_n == 128 else 4, num_stages=3,
@@ -152,22 +156,26 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, row_lengths: torch.Tenso
     block_t = 2048
     for level in (0, 1):
         _block_histogram_kernel[(rows, triton.cdiv(n_blocks, block_t))](
-            block_max, lengths_arg, workspace, n, n_blocks, k, rows_per_kv,
+            block_max, lengths_arg, workspace, n, n_blocks, bmax_stride, k, rows_per_kv,
             LEVEL=level, BS=block_size, NB=HIST_BINS, BLOCK_T=block_t, HAS_LENGTHS=has_lengths, num_warps=8,
         )
-    candidates = torch.empty(rows, n, dtype=torch.int64, device=device)
+    candidates = torch.empty(rows, row_stride, dtype=torch.int64, device=device)
     block_c = 4096
     _collect_kernel[(rows, triton.cdiv(n, block_c))](
-        scores, lengths_arg, workspace, candidates, n, k, rows_per_kv,
+        scores, lengths_arg, workspace, candidates, n, row_stride, k, rows_per_kv,
         BS=block_size, NB=HIST_BINS, BLOCK_C=block_c, HAS_LENGTHS=has_lengths, num_warps=8,
     )
     out_scores = torch.empty(rows, k, dtype=torch.float32, device=device)
     out_indices = torch.empty(rows, k, dtype=torch.int64, device=device)
     _finalize_kernel[(rows,)](
-        candidates, workspace, lengths_arg, out_scores, out_indices, n, k, rows_per_kv,
+        candidates, workspace, lengths_arg, out_scores, out_indices, n, row_stride, k, rows_per_kv,
         NB=HIST_BINS, BLOCK_F=2048, HAS_LENGTHS=has_lengths, num_warps=8,
     )
     return out_scores, out_indices
+
+
+def _round16(x: int) -> int:
+    return (x + 15) // 16 * 16
 
 
 def _prev_pow2(x: int) -> int:
@@ -221,8 +229,9 @@ if HAS_TRITON:
         # too few blocks to bound anything (or nothing to select): every valid key is a candidate
         return tl.where((valid_blocks < need) | (need == 0), -2147483648, threshold)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["N", "n_blocks"])
     def _score_kernel(q_ptr, k_ptr, len_ptr, s_ptr, bmax_ptr, N, M, stride_kl, stride_kn, per_split, n_blocks,
+                      row_stride, bmax_stride,
                       D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BS: tl.constexpr, REDUCE_GROUP: tl.constexpr, DOT_FP32: tl.constexpr,
                       HAS_LENGTHS: tl.constexpr):
@@ -252,19 +261,20 @@ if HAS_TRITON:
             blk = n0 // BS + tl.arange(0, BLOCK_N // BS)
             if REDUCE_GROUP:
                 summed = tl.where(valid, tl.sum(tl.where(m_ok[:, None], s, 0.0), axis=0), float("-inf"))
-                tl.store(s_ptr + lead.to(tl.int64) * N + n, summed, mask=n < N)
+                tl.store(s_ptr + lead.to(tl.int64) * row_stride + n, summed, mask=n < N)
                 bmax = tl.max(tl.reshape(summed, (BLOCK_N // BS, BS)), axis=1)
-                tl.store(bmax_ptr + lead.to(tl.int64) * n_blocks + blk, bmax, mask=blk < n_blocks)
+                tl.store(bmax_ptr + lead.to(tl.int64) * bmax_stride + blk, bmax, mask=blk < n_blocks)
             else:
                 s = tl.where(valid[None, :], s, float("-inf"))
                 rows = (lead * M + m).to(tl.int64)
-                tl.store(s_ptr + rows[:, None] * N + n[None, :], s, mask=m_ok[:, None] & (n[None, :] < N))
+                tl.store(s_ptr + rows[:, None] * row_stride + n[None, :], s, mask=m_ok[:, None] & (n[None, :] < N))
                 bmax = tl.max(tl.reshape(s, (BLOCK_M, BLOCK_N // BS, BS)), axis=2)
-                tl.store(bmax_ptr + rows[:, None] * n_blocks + blk[None, :], bmax,
+                tl.store(bmax_ptr + rows[:, None] * bmax_stride + blk[None, :], bmax,
                          mask=m_ok[:, None] & (blk[None, :] < n_blocks))
 
-    @triton.jit
-    def _block_histogram_kernel(bmax_ptr, len_ptr, ws_ptr, N, n_blocks, k, rows_per_kv, LEVEL: tl.constexpr,
+    @triton.jit(do_not_specialize=["N", "n_blocks"])
+    def _block_histogram_kernel(bmax_ptr, len_ptr, ws_ptr, N, n_blocks, bmax_stride, k, rows_per_kv,
+                                LEVEL: tl.constexpr,
                                 BS: tl.constexpr, NB: tl.constexpr, BLOCK_T: tl.constexpr,
                                 HAS_LENGTHS: tl.constexpr):
         """Radix histogram of a span of block maxima: bits 31..25 (level 0), or bits 24..18 inside the level-0
@@ -275,7 +285,7 @@ if HAS_TRITON:
         valid_blocks = tl.cdiv(length, BS)
         i = part * BLOCK_T + tl.arange(0, BLOCK_T)
         ok = i < valid_blocks
-        ukey = _ordered_key(tl.load(bmax_ptr + row.to(tl.int64) * n_blocks + i, mask=ok, other=0.0)).to(tl.int64)
+        ukey = _ordered_key(tl.load(bmax_ptr + row.to(tl.int64) * bmax_stride + i, mask=ok, other=0.0)).to(tl.int64)
         ukey += 2147483648
         if LEVEL == 0:
             bins = (ukey >> 25).to(tl.int32)
@@ -289,15 +299,15 @@ if HAS_TRITON:
         target = ws_ptr + row * (2 * NB + 1) + LEVEL * NB + tl.arange(0, NB)
         tl.atomic_add(target, hist, mask=hist > 0)
 
-    @triton.jit
-    def _collect_kernel(s_ptr, len_ptr, ws_ptr, cand_ptr, N, k, rows_per_kv, BS: tl.constexpr, NB: tl.constexpr,
-                        BLOCK_C: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+    @triton.jit(do_not_specialize=["N"])
+    def _collect_kernel(s_ptr, len_ptr, ws_ptr, cand_ptr, N, row_stride, k, rows_per_kv, BS: tl.constexpr,
+                        NB: tl.constexpr, BLOCK_C: tl.constexpr, HAS_LENGTHS: tl.constexpr):
         """Append (key << 32 | index) of every valid key scoring >= the row's threshold (one atomic a program)."""
         row, part = tl.program_id(0), tl.program_id(1)
         length = _row_length(len_ptr, row, rows_per_kv, N, HAS_LENGTHS)
         need = tl.minimum(k, length)
         threshold = _row_threshold(ws_ptr, row, need, tl.cdiv(length, BS), NB)
-        base = row.to(tl.int64) * N
+        base = row.to(tl.int64) * row_stride
         n = part * BLOCK_C + tl.arange(0, BLOCK_C)
         ok = n < length
         key = _ordered_key(tl.load(s_ptr + base + n, mask=ok, other=0.0))
@@ -307,15 +317,15 @@ if HAS_TRITON:
         slot = first + tl.cumsum(take.to(tl.int32), axis=0) - 1
         tl.store(cand_ptr + base + slot, (key.to(tl.int64) << 32) | n, mask=take)
 
-    @triton.jit
-    def _finalize_kernel(cand_ptr, ws_ptr, len_ptr, out_s_ptr, out_i_ptr, N, k, rows_per_kv,
+    @triton.jit(do_not_specialize=["N"])
+    def _finalize_kernel(cand_ptr, ws_ptr, len_ptr, out_s_ptr, out_i_ptr, N, row_stride, k, rows_per_kv,
                          NB: tl.constexpr, BLOCK_F: tl.constexpr, HAS_LENGTHS: tl.constexpr):
         """Exact Top-k of the candidates: narrow [lo, hi] by radix histograms until the cut is known, then write."""
         row = tl.program_id(0)
         count = tl.load(ws_ptr + row * (2 * NB + 1) + 2 * NB)
         length = _row_length(len_ptr, row, rows_per_kv, N, HAS_LENGTHS)
         k_eff = tl.minimum(k, length)
-        base = row.to(tl.int64) * N
+        base = row.to(tl.int64) * row_stride
         offs = tl.arange(0, BLOCK_F)
         lo = tl.full((), 2147483647, tl.int64)
         hi = tl.full((), -2147483648, tl.int64)
