@@ -44,6 +44,7 @@ class CommonWords(Task):
     freq_uncommon: int = 3
     filler: str = "wiki"  # the text whose vocabulary the words come from
 
+    name = "cwe"
     max_new_tokens = 120
 
     def __post_init__(self) -> None:
@@ -74,6 +75,7 @@ class FrequentWords(Task):
     num_answers: int = 3
     vocab: int = 1000  # distinct coded words available
 
+    name = "fwe"
     max_new_tokens = 50
 
     def __post_init__(self) -> None:

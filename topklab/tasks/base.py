@@ -147,6 +147,7 @@ class Task:
     """Base class. Subclasses are ``@dataclass``es (fields = task parameters) registered with `register`, and
     implement `draft`; `score` defaults to `match_all`."""
 
+    #: The registered name (variants registered from one class get theirs from `make`).
     name: str = ""
     #: Tokens the answer may take; the prompt leaves room for them within the target length.
     max_new_tokens: ClassVar[int] = 32

@@ -156,6 +156,7 @@ _CHOICES = ("A", "B", "C", "D")
 @register("longbench_v2")
 @dataclass
 class LongBenchV2(FileTask):
+    name = "longbench_v2"
     max_new_tokens = 16
 
     def missing_fields(self, record: dict) -> list[str]:
@@ -189,6 +190,7 @@ def extract_choice(prediction: str) -> str | None:
 @register("helmet")
 @dataclass
 class Helmet(FileTask):
+    name = "helmet"
     max_new_tokens = 32
 
     @staticmethod

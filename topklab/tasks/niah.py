@@ -22,6 +22,7 @@ class NeedleInHaystack(Task):
     num_queries: int = 1  # keys asked for; their values are the answers
     filler: str = "wiki"
 
+    name = "niah_single"  # make() names the registered variant
     max_new_tokens = 48
 
     def __post_init__(self) -> None:

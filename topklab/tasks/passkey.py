@@ -15,6 +15,7 @@ class Passkey(Task):
     digits: int = 5
     filler: str = "wiki"
 
+    name = "passkey"
     max_new_tokens = 12
 
     def __post_init__(self) -> None:

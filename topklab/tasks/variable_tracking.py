@@ -18,6 +18,7 @@ class VariableTracking(Task):
     num_hops: int = 4  # assignments after the first: a chain names num_hops + 1 variables
     filler: str = "wiki"
 
+    name = "vt"
     max_new_tokens = 30
 
     def __post_init__(self) -> None:
