@@ -9,7 +9,7 @@ control arm of that comparison, and how the model zoo (`topklab.training.zoo`) p
 The data are the synthetic tasks of `topklab.tasks`: each sequence is a task prompt followed by its answer and EOS,
 drawn with a data seed other than the one `topklab eval` scores (0), so training never sees a test sample.
 
-    python -m topklab.training.topk_sft --model experiments/zoo/checkpoints/zoo-s --k 0.02 --steps 300 --out ft
+    python -m topklab.training.topk_sft --model results/zoo/zoo-s --k 0.02 --steps 300 --out ft
 
 Works for the zoo models and any Hugging Face Llama-style model, including the embedded SmolLM2 (``--model
 smollm2``: chat-templated prompts, as `topklab eval` reads them).
@@ -112,6 +112,7 @@ class TrainConfig:
     topk: TopkSpec | None = None  # None: dense attention
     log_every: int = 10
     workers: int = 0  # DataLoader processes building batches (0: the training process); results do not depend on it
+    max_seconds: float | None = None  # a safety net for time-limited machines: stop early (logged and recorded)
 
     def __post_init__(self):
         if isinstance(self.topk, dict):
@@ -143,7 +144,8 @@ class TaskBatches(torch.utils.data.Dataset):
     ``data.data_seed``), so any number of DataLoader workers yields the same sequence of batches. Rows are a task
     prompt, the answer and EOS, right-padded; ``labels`` is -100 where there is no loss, ``weights`` weighs each
     token's loss (answer tokens by ``data.answer_weight`` when the loss covers every token) and ``answer`` marks the
-    answer and EOS tokens.
+    answer and EOS tokens. The answer is never cut to the task's answer budget (byte-level answers can exceed it, e.g.
+    vt's five names), so a row may run a few tokens past its length.
     """
 
     def __init__(self, data: TaskData, codec: PromptCodec, batch_size: int, eos_id: int, pad_id: int, seed: int,
@@ -162,7 +164,7 @@ class TaskBatches(torch.utils.data.Dataset):
         for slot in range(self.batch_size):
             first = (step * self.batch_size + slot) * _ATTEMPTS
             sample = _draw(choose.choice(self.tasks), self.codec, length, first, self.data.data_seed)
-            answer = self.codec.encode(answer_text(sample.answers))[: sample.max_new_tokens - 1] + [self.eos_id]
+            answer = self.codec.encode(answer_text(sample.answers)) + [self.eos_id]  # whole, even past the budget
             rows.append((list(sample.input_ids), answer))
         width = max(len(prompt) + len(answer) for prompt, answer in rows)
         shape = (self.batch_size, width)
@@ -254,6 +256,10 @@ def train(model: torch.nn.Module, batches: Iterator[dict[str, torch.Tensor]], co
             optimizer.step()
             rows.append({"step": step, "loss": loss.item(), "answer_loss": answer_loss, "lr": lr,
                          "tokens": int((batch["labels"] != -100).sum()), "seconds": time.perf_counter() - start})
+            if config.max_seconds is not None and rows[-1]["seconds"] > config.max_seconds and step < config.steps - 1:
+                log.warning("%s: stopping after step %d of %d, past max_seconds = %.0f", desc, step + 1, config.steps,
+                            config.max_seconds)
+                break
             if step % config.log_every == 0 or step == config.steps - 1:
                 bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}")
                 log.info("%s step %d/%d: loss %.4f, answer loss %.4f, lr %.2e, %.0f s", desc, step, config.steps,
@@ -314,7 +320,8 @@ def finetune(model, tokenizer, data: TaskData, config: TrainConfig, out: str | P
     frame = train(model, batches, config, desc=label)
     if out is not None:
         meta = {"kind": "topk_sft" if config.topk else "dense_sft", "base": getattr(model.config, "name_or_path", ""),
-                "data": dataclasses.asdict(data), "train": dataclasses.asdict(config)}
+                "data": dataclasses.asdict(data), "train": dataclasses.asdict(config), "steps_done": len(frame),
+                "seconds": float(frame["seconds"].iloc[-1]), "device": str(next(model.parameters()).device)}
         base = Path(getattr(model.config, "name_or_path", "") or ".")
         if (base / "training.json").is_file():
             meta["base_training"] = json.loads((base / "training.json").read_text())
@@ -364,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("lr", "weight_decay"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(t, name))
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader processes building batches")
+    parser.add_argument("--max-seconds", type=float, default=None, help="stop early past this many seconds")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", required=True, help="folder for the fine-tuned checkpoint")
     return parser
@@ -381,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
         data = TaskData(tuple(args.tasks.split(",")), tuple(int(n) for n in args.lengths.split(",")), args.loss_on,
                         args.data_seed, args.filler)
         config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                             weight_decay=args.weight_decay, seed=args.seed, dtype=args.dtype, topk=topk)
+                             weight_decay=args.weight_decay, seed=args.seed, dtype=args.dtype, topk=topk,
+                             workers=args.workers, max_seconds=args.max_seconds)
         torch.manual_seed(args.seed)
         model, tokenizer = load_trainable(args.model, args.device)
         frame = finetune(model, tokenizer, data, config, args.out)

@@ -6,8 +6,8 @@ with the loop of `topklab.training.topk_sft` (dense by default; a ``train.topk``
 scratch). The checkpoint is a Hugging Face folder (config.json, model.safetensors, a byte-level tokenizer.json) plus
 zoo.json (the config it came from) and train_log.csv, so ``topklab eval --model FOLDER`` reads it like any model.
 
-    python -m topklab.training.zoo experiments/zoo/configs/zoo-s.json --out experiments/zoo/checkpoints/zoo-s
-    model, tokenizer = load_zoo_model("experiments/zoo/checkpoints/zoo-s")
+    python -m topklab.training.zoo experiments/zoo/configs/zoo-s.json --out results/zoo/zoo-s
+    model, tokenizer = load_zoo_model("results/zoo/zoo-s")
 
 Config (JSON or TOML), every section optional except ``name``:
     name   : str
@@ -190,7 +190,7 @@ def train_zoo_model(config: ZooConfig, out: str | Path, device: str = "cpu") -> 
     start = time.perf_counter()
     frame = finetune(model, tokenizer, config.data, config.train, desc=f"zoo {config.name}")
     meta = {"kind": "zoo", "parameters": params, "device": str(device), "seconds": time.perf_counter() - start,
-            "torch": torch.__version__}
+            "steps_done": len(frame), "torch": torch.__version__}
     out = save_checkpoint(model.to("cpu"), tokenizer, out, meta, frame)
     (out / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
     return out
@@ -243,11 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m topklab.training.zoo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", help="zoo config (.json or .toml)")
-    parser.add_argument("--out", help="checkpoint folder (default: experiments/zoo/checkpoints/NAME)")
+    parser.add_argument("--out", help="checkpoint folder (default: results/zoo/NAME)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, help="override train.steps (quick trials)")
     parser.add_argument("--filler", help="override data.filler: a .txt file or folder (machines without gensim)")
     parser.add_argument("--workers", type=int, help="override train.workers (DataLoader processes)")
+    parser.add_argument("--max-seconds", type=float, help="override train.max_seconds (stop early past it)")
     parser.add_argument("--export-filler", metavar="FOLDER",
                         help="write the bundled Wikipedia text as .txt files to FOLDER (for --filler) and exit")
     args = parser.parse_args(argv)
@@ -264,9 +265,11 @@ def main(argv: list[str] | None = None) -> int:
             config.train = dataclasses.replace(config.train, steps=args.steps)
         if args.workers is not None:
             config.train = dataclasses.replace(config.train, workers=args.workers)
+        if args.max_seconds is not None:
+            config.train = dataclasses.replace(config.train, max_seconds=args.max_seconds)
         if args.filler is not None:
             config.data = dataclasses.replace(config.data, filler=args.filler)
-        out = train_zoo_model(config, args.out or f"experiments/zoo/checkpoints/{config.name}", args.device)
+        out = train_zoo_model(config, args.out or f"results/zoo/{config.name}", args.device)
     except (ValueError, FileNotFoundError, ImportError) as err:
         parser.exit(2, f"zoo: error: {err}\n")
     print(f"saved {out}")

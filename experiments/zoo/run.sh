@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Train the zoo on one GPU and fine-tune it both ways, in one go (about 4 minutes on an H100):
+#   1. pre-train zoo-s (loss on every token, answers weighted x10) and zoo-s-answer (loss on answers only) side by
+#      side, dense attention, from experiments/zoo/configs/;
+#   2. keep the one whose answer loss over its last 100 steps is lower (both are kept on disk);
+#   3. fine-tune it twice with the same data, steps and seed: dense attention (the control) and Top-k attention
+#      (exact, 2% of the context per query head: the study's Top-k SFT), side by side.
+# Checkpoints go to $CKPT (default results/zoo, git-ignored); with $OUT set (the lent GPU machine) each is also
+# packed there as a .tar. Knobs for a dry run on CPU: ZOO_STEPS, SFT_STEPS, DEVICE, ZOO_CONFIGS.
+#
+#   bash experiments/zoo/run.sh                                      # on the GPU
+#   DEVICE=cpu ZOO_STEPS=3 SFT_STEPS=3 bash experiments/zoo/run.sh   # plumbing check on CPU
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+if [ -z "${PY:-}" ]; then
+  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python; fi
+fi
+CKPT=${CKPT:-results/zoo}
+DEVICE=${DEVICE:-cuda}
+ZOO_CONFIGS=${ZOO_CONFIGS:-"zoo-s zoo-s-answer"}
+SFT_K=${SFT_K:-0.02}
+SFT_STEPS=${SFT_STEPS:-300}
+FILLER=${FILLER:-results/zoo_filler}   # the bundled Wikipedia text as .txt files (no gensim needed on the GPU)
+mkdir -p "$CKPT"
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+
+if [ ! -d "$FILLER" ]; then $PY -m topklab.training.zoo --export-filler "$FILLER"; fi
+steps=()
+[ -n "${ZOO_STEPS:-}" ] && steps=(--steps "$ZOO_STEPS")
+
+pids=()
+for name in $ZOO_CONFIGS; do
+  $PY -m topklab.training.zoo "experiments/zoo/configs/$name.json" --out "$CKPT/$name" --device "$DEVICE" \
+      --filler "$FILLER" --max-seconds "${ZOO_MAX_SECONDS:-105}" "${steps[@]}" > "$CKPT/$name.log" 2>&1 &
+  pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid"; done
+
+best=$($PY - "$CKPT" $ZOO_CONFIGS <<'EOF'
+import sys
+import pandas as pd
+folder, names = sys.argv[1], sys.argv[2:]
+losses = {n: pd.read_csv(f"{folder}/{n}/train_log.csv")["answer_loss"].tail(100).mean() for n in names}
+for n, v in losses.items():
+    print(f"{n}: answer loss over the last 100 steps {v:.4f}", file=sys.stderr)
+print(min(losses, key=losses.get))
+EOF
+)
+echo "fine-tuning $best" >&2
+
+common=(--model "$CKPT/$best" --tasks passkey,niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt
+        --lengths 1024,2048 --steps "$SFT_STEPS" --batch-size 16 --lr 5e-4 --warmup 20 --data-seed 2 --seed 0
+        --filler "$FILLER" --device "$DEVICE" --max-seconds "${SFT_MAX_SECONDS:-70}" --workers 6)
+[ "$DEVICE" = cuda ] && common+=(--dtype bfloat16)
+$PY -m topklab.training.topk_sft "${common[@]}" --dense --out "$CKPT/$best-dense-sft" > "$CKPT/$best-dense-sft.log" 2>&1 &
+dense=$!
+$PY -m topklab.training.topk_sft "${common[@]}" --k "$SFT_K" --out "$CKPT/$best-topk-sft" > "$CKPT/$best-topk-sft.log" 2>&1 &
+topk=$!
+wait $dense
+wait $topk
+
+if [ -n "${OUT:-}" ]; then
+  for name in $ZOO_CONFIGS "$best-dense-sft" "$best-topk-sft"; do
+    tar -cf "$OUT/$name.tar" -C "$CKPT" "$name" "$name.log"
+  done
+fi
+tail -n 3 "$CKPT"/*.log
