@@ -78,8 +78,8 @@ def distill(scorer: torch.nn.Module, layers: Sequence[LayerTrace], steps: int, l
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
-        bar.set_postfix(kl=f"{losses[-1]:.3f}")
+        losses.append(loss.item())
+        bar.set_postfix(kl=f"{losses[-1]:.3f}", refresh=False)
         if step % 50 == 0 or step == steps - 1:
             log.info("distill layer %d step %d/%d: KL %.4f", layers[0].layer, step + 1, steps, losses[-1])
     scorer.eval()
