@@ -103,7 +103,8 @@ def evaluate_spec(spec: str, traces: Sequence[TraceFile], ks: Sequence[int], lay
     frames = []
     for layer in layers:
         if indexer.trainable:
-            indexer = make(spec).fit([ft.layer(layer) for ft in fit_traces])
+            with _one_thread():
+                indexer = make(spec).fit([ft.layer(layer) for ft in fit_traces])
         for trace in traces:
             with _one_thread():
                 frame = evaluate_layer(indexer, trace.layer(layer), ks, device)
@@ -117,7 +118,8 @@ def evaluate_spec(spec: str, traces: Sequence[TraceFile], ks: Sequence[int], lay
 
 @contextlib.contextmanager
 def _one_thread():
-    """The replay is many small tensor ops, which intra-op threads only slow down (25x on a loaded 2-core box)."""
+    """Replay and indexer fitting are many small tensor ops, which intra-op threads only slow down (7-25x on a
+    loaded 2-core machine, measured)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
