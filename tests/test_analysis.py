@@ -340,3 +340,17 @@ def test_markdown_table():
                           "count": pd.array([3, pd.NA], dtype="Int64")})
     assert report.markdown_table(frame).splitlines() == [
         "| name | whole | frac | count |", "| --- | --- | --- | --- |", "| a\\|b | 1 | 0.123 | 3 |", "|  |  | 2.000 |  |"]
+
+
+def test_task_entropy_on_task_prompts():
+    from topklab.models import tiny_model
+
+    model = tiny_model("llama")
+    rows = entropy.task_entropy(model, None, tasks=("passkey",), lengths=(700,), samples=2, decode_steps=3, ks=(4,))
+    assert list(rows.columns[:4]) == list(entropy.LABEL_KEYS)
+    assert set(rows["task"]) == {"passkey"} and set(rows["sample"]) == {0, 1} and set(rows["layer"]) == {0, 1}
+    # 2 prompts x 2 layers x 4 heads x 2 decode positions (the first answer token comes from the prefill)
+    assert len(rows) == 2 * 2 * 4 * 2 and rows["norm_entropy"].between(0, 1 + 1e-6).all()
+    assert (rows.groupby("sample")["context"].min() > 400).all()
+    with pytest.raises(ValueError, match="decode_steps"):
+        entropy.task_entropy(model, None, decode_steps=1)

@@ -101,6 +101,36 @@ def trace_entropy(trace: TraceFile, ks: Sequence[int] = (16, 64, 256), layers: I
     return frame
 
 
+def task_entropy(model, tokenizer, tasks: Sequence[str] = ("passkey",), lengths: Sequence[int] = (1024,),
+                 samples: int = 2, decode_steps: int = 8, layers="all", ks: Sequence[int] = (16, 64, 256),
+                 seed: int = 0, model_name: str | None = None) -> pd.DataFrame:
+    """Entropy rows at the decode positions of task prompts (`topklab.tasks`, the samples `topklab eval` scores):
+    each prompt is prefilled, then decoded greedily for ``decode_steps`` tokens with dense attention while q, k are
+    captured; positions after the prompt are the decode positions. ``tokenizer=None``: byte tokens (tiny models)."""
+    from topklab.decoding.capture import capture
+    from topklab.tasks import PromptCodec, make
+
+    if decode_steps < 2:
+        raise ValueError(f"decode_steps must be >= 2 (the first token comes from the prefill), got {decode_steps}")
+    codec = PromptCodec(tokenizer, vocab_size=model.config.vocab_size)
+    name = model_name or model.config.name_or_path
+    device = next(model.parameters()).device
+    frames = []
+    for spec in tasks:
+        task = make(spec)
+        for length in lengths:
+            for index in range(samples):
+                sample = task.sample(codec, length=length, index=index, seed=seed)
+                ids = torch.tensor([sample.input_ids], device=device)
+                traces, _ = capture(model, ids, layers, decode_steps=decode_steps)
+                for trace in traces.values():
+                    frame = layer_entropy(trace, ks)
+                    for i, (key, value) in enumerate(zip(LABEL_KEYS, (name, sample.task, length, index))):
+                        frame.insert(i, key, value)
+                    frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
 def mass_columns(rows: pd.DataFrame) -> dict[int, str]:
     """k -> column name of the Top-k mass columns in entropy rows."""
     found = {int(c.removeprefix("mass_at_k_")): c for c in rows.columns if c.startswith("mass_at_k_")}
