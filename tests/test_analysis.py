@@ -130,6 +130,13 @@ def test_best_predictor_finds_the_informative_metric():
     assert (noise["ci_low"] < 0.5).all()
 
 
+def test_constant_accuracy_gives_undefined_correlations_not_errors():
+    rows = eval_rows(samples=3).assign(score=0.0)
+    table = correlation.correlate(rows, n_resamples=100)
+    assert table["r"].isna().all() and (table["p_best"] == 0).all()
+    assert correlation.best_predictor(table).empty
+
+
 def test_correlate_by_task_equals_separate_calls():
     rows = eval_rows(samples=6)
     by = correlation.correlate(rows, by=["task"], n_resamples=100)

@@ -254,8 +254,9 @@ def correlate(results: pd.DataFrame, metrics: Sequence[str] = FIDELITY_METRICS, 
 
 
 def best_predictor(correlations: pd.DataFrame, method: str = "spearman") -> pd.DataFrame:
-    """Per scope (and ``by`` group): the metric with the highest strength, its r, CI and p_best."""
-    table = correlations[correlations["method"] == method]
+    """Per scope (and ``by`` group): the metric with the highest strength, its r, CI and p_best (scopes where no
+    correlation is defined, e.g. every configuration scored the same, have no row)."""
+    table = correlations[(correlations["method"] == method) & correlations["strength"].notna()]
     group = [c for c in correlations.columns if c not in
              ("k", "metric", "method", "configs", "samples", "r", "ci_low", "ci_high", "strength", "p_best")]
     best = table.loc[table.groupby(group, sort=False)["strength"].idxmax().dropna()]

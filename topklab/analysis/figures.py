@@ -160,15 +160,16 @@ def entropy_vs_lost_mass(summary: pd.DataFrame, path, title: str | None = None) 
     return _save(grid.figure, path)
 
 
-def entropy_by_layer(rows: pd.DataFrame, path, column: str = "norm_entropy", seed: int = 0,
+def entropy_by_layer(rows: pd.DataFrame, path, column: str = "norm_entropy", hue: str = "model", seed: int = 0,
                      title: str | None = None) -> Path:
-    """Mean ``column`` per layer, one line per model; the band is a 95% bootstrap CI over prompts (rows are first
-    averaged per prompt and layer, so positions and heads of one prompt are not counted as independent)."""
+    """Mean ``column`` per layer, one line per ``hue`` (model, or task); the band is a 95% bootstrap CI over prompts
+    (rows are first averaged per prompt and layer, so positions and heads of one prompt are not counted as
+    independent)."""
     plt, sns = _pyplot()
     units = [c for c in ("model", "task", "length", "sample", "seq") if c in rows]
     per_prompt = rows.groupby([*units, "layer"], as_index=False, sort=True)[column].mean()
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    sns.lineplot(data=per_prompt, x="layer", y=column, hue="model" if "model" in per_prompt else None, marker="o",
+    sns.lineplot(data=per_prompt, x="layer", y=column, hue=hue if hue in per_prompt else None, marker="o",
                  errorbar=("ci", 95), seed=seed, ax=ax)
     ax.set(ylabel=LABELS.get(column, column), title=title or "attention entropy at decode positions (95% CI)")
     ax.set_xticks(sorted(per_prompt["layer"].unique()))
