@@ -222,10 +222,9 @@ def test_topk_mass(rng):
 
 
 def random_trace(rng, layer=3, batch=2, heads=4, kv_heads=2, length=24, prompt_len=18, dim=8):
-    return LayerTrace(layer, torch.randn(batch, heads, length, dim, generator=rng) * 2,
-                      torch.randn(batch, kv_heads, length, dim, generator=rng), torch.randn(batch, kv_heads, length, dim,
-                                                                                           generator=rng),
-                      None, dim ** -0.5, prompt_len)
+    q = torch.randn(batch, heads, length, dim, generator=rng) * 2
+    k, v = (torch.randn(batch, kv_heads, length, dim, generator=rng) for _ in range(2))
+    return LayerTrace(layer, q, k, v, None, dim ** -0.5, prompt_len)
 
 
 def test_layer_entropy_against_brute_force(rng):
@@ -342,11 +341,22 @@ def test_report_end_to_end(tmp_path):
         report.write_report(tmp_path / "missing")
 
 
+def test_report_module_entry_point(tmp_path, capsys):
+    (tmp_path / "eval").mkdir()
+    eval_rows(samples=3, ks=(16,)).to_parquet(tmp_path / "eval" / "results.parquet")
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "r" / "out.md"), "--resamples", "50"]) == 0
+    assert (tmp_path / "r" / "out.md").is_file() and "out.md" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        report.main([str(tmp_path / "missing")])
+    assert stop.value.code == 2
+
+
 def test_markdown_table():
     frame = pd.DataFrame({"name": ["a|b", None], "whole": [1.0, np.nan], "frac": [0.12345, 2.0],
                           "count": pd.array([3, pd.NA], dtype="Int64")})
     assert report.markdown_table(frame).splitlines() == [
-        "| name | whole | frac | count |", "| --- | --- | --- | --- |", "| a\\|b | 1 | 0.123 | 3 |", "|  |  | 2.000 |  |"]
+        "| name | whole | frac | count |", "| --- | --- | --- | --- |",
+        "| a\\|b | 1 | 0.123 | 3 |", "|  |  | 2.000 |  |"]
 
 
 def test_task_entropy_on_task_prompts():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -31,6 +32,19 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     parser.add_argument("--baseline", default=None,
                         help="model the entropy of the others is compared with (default: the first model by name)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m topklab.analysis.report RESULTS_DIR`` (the same as ``topklab report``)."""
+    parser = argparse.ArgumentParser(prog="topklab report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_report_arguments(parser)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        return run_report(parser.parse_args(argv))
+    except (ValueError, FileNotFoundError) as err:
+        parser.exit(2, f"topklab report: error: {err}\n")
 
 
 def run_report(args) -> int:
@@ -194,3 +208,7 @@ def markdown_table(frame: pd.DataFrame, digits: int = 3) -> str:
     header = [str(c) for c in frame.columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in zip(*cells)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
