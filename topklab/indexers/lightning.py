@@ -42,8 +42,9 @@ ARCHITECTURE = ("heads", "dim", "rope")
 
 def relu_weighted_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Full-precision I: q ``[B, M, H, d]``, weights ``[B, M, H]``, keys ``[B, N, d]`` -> ``[B, M, N]``."""
-    dots = torch.einsum("bmhd,bnd->bmhn", q, keys)
-    return (torch.relu(dots) * weights[..., None]).sum(2)
+    b, m, h, d = q.shape
+    dots = torch.relu(torch.matmul(q.reshape(b, m * h, d), keys.transpose(1, 2))).view(b, m, h, -1)
+    return torch.matmul(weights.unsqueeze(2), dots).squeeze(2)
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, dims: int, base: float = 10000.0) -> torch.Tensor:
@@ -145,7 +146,7 @@ class Lightning(Indexer):
     fp8: bool = True
     pow2: bool = False
     steps: int = 300
-    lr: float = 1e-3
+    lr: float = 1e-2
     seed: int = 0
     ckpt: str = ""
 
