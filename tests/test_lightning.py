@@ -92,6 +92,7 @@ def test_fit_learns_planted_attention(trace, trained):
     untrained = make(SPEC.replace("steps=300", "steps=0")).fit([trace])  # same seeded init, no steps
     before, after = evaluate_kl(untrained.net, [trace]), evaluate_kl(trained.net, [trace])
     assert after < 0.2 * before, (before, after)
+    assert evaluate_kl(trained.net, [trace], chunk=37) == pytest.approx(after, rel=1e-4)
     assert len(trained.history) == 300
     recall, random = causal_recall(trained, trace), K / float(EVAL_ROWS.float().mean() + 1)  # random ~ 0.045
     assert recall > max(0.7, 10 * random), recall

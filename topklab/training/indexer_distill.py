@@ -67,7 +67,7 @@ def distill(scorer: torch.nn.Module, layers: Sequence[LayerTrace], steps: int, l
     optimizer = torch.optim.Adam(scorer.parameters(), lr=lr)
     losses: list[float] = []
     scorer.train()
-    bar = tqdm(range(steps), desc=f"lightning distill (layer {layers[0].layer})", leave=False)
+    bar = tqdm(range(steps), desc=f"distill indexer (layer {layers[0].layer})", leave=False)
     for step in bar:
         seq = sequences[int(torch.randint(len(sequences), (1,), generator=generator))]
         length = seq.hidden.shape[0]
@@ -87,15 +87,18 @@ def distill(scorer: torch.nn.Module, layers: Sequence[LayerTrace], steps: int, l
 
 
 @torch.no_grad()
-def evaluate_kl(scorer: torch.nn.Module, layers: Sequence[LayerTrace], rows: torch.Tensor | None = None) -> float:
-    """Mean KL(p || softmax(I)) over the given query positions (all positions by default) of every sequence."""
+def evaluate_kl(scorer: torch.nn.Module, layers: Sequence[LayerTrace], rows: torch.Tensor | None = None,
+                chunk: int = 256) -> float:
+    """Mean KL(p || softmax(I)) over the given query positions (all by default) of every sequence, ``chunk`` query
+    positions at a time so memory stays O(chunk * T)."""
     device = next(scorer.parameters()).device
     total, count = 0.0, 0
     for seq in _sequences(layers):
-        picked = (torch.arange(seq.hidden.shape[0]) if rows is None else rows).to(device)
-        target = attention_target(seq.q.to(device), seq.k.to(device), seq.scale, picked)
-        total += float(distillation_kl(scorer(seq.hidden.to(device).float()[None], picked)[0], target, picked))
-        count += 1
+        hidden, q, k = seq.hidden.to(device).float()[None], seq.q.to(device), seq.k.to(device)
+        for picked in (torch.arange(seq.hidden.shape[0]) if rows is None else rows).to(device).split(chunk):
+            target = attention_target(q, k, seq.scale, picked)
+            total += float(distillation_kl(scorer(hidden, picked)[0], target, picked)) * len(picked)
+            count += len(picked)
     return total / count
 
 
