@@ -45,6 +45,15 @@ def causal_recall(indexer, trace: LayerTrace) -> float:
 SPEC = "lightning:heads=4,dim=16,rope=0,lr=1e-2,steps=300,fp8=false"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tensors are tiny: one thread is as fast, and immune to the slowdown of threads on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def trace() -> LayerTrace:
     return planted_trace()
