@@ -29,6 +29,7 @@ from topklab.training.zoo import (
     build_model,
     byte_tokenizer,
     config_from_dict,
+    is_byte_tokenizer,
     load_config,
     load_zoo_model,
     train_zoo_model,
@@ -188,6 +189,15 @@ def test_loader_workers_do_not_change_the_batches():
     assert len(alone) == len(pooled) == 4
     for a, b in zip(alone, pooled):
         assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_byte_codec_fast_path_gives_the_tokenizer_ids():
+    tokenizer = byte_tokenizer()
+    assert is_byte_tokenizer(tokenizer) and not is_byte_tokenizer(None)
+    data = TaskData(("niah_multikey", "vt"), (900,), data_seed=6)
+    slow = next(task_batches(data, PromptCodec(tokenizer), 2, EOS_ID, PAD_ID, seed=1))
+    fast = next(task_batches(data, PromptCodec(None), 2, EOS_ID, PAD_ID, seed=1))
+    assert all(torch.equal(slow[name], fast[name]) for name in slow)
 
 
 def test_token_loss_weighs_tokens():

@@ -313,7 +313,10 @@ def save_checkpoint(model, tokenizer, out: str | Path, meta: dict, log_frame: pd
 def finetune(model, tokenizer, data: TaskData, config: TrainConfig, out: str | Path | None = None,
              desc: str | None = None) -> pd.DataFrame:
     """Fine-tune ``model`` in place on ``data`` (Top-k when ``config.topk`` is set); save to ``out`` if given."""
-    codec = PromptCodec(tokenizer, vocab_size=model.config.vocab_size)
+    from topklab.training.zoo import CONFIG_FILE, is_byte_tokenizer
+
+    # a zoo model's tokenizer gives the tasks' plain byte ids: encode them directly (30x faster sample building)
+    codec = PromptCodec(None if is_byte_tokenizer(tokenizer) else tokenizer, vocab_size=model.config.vocab_size)
     eos, pad = special_ids(model, tokenizer)
     batches = task_batches(data, codec, config.batch_size, eos, pad, config.seed, config.steps, config.workers)
     label = desc or ("topk-sft k=" + repr(config.topk.k) if config.topk else "dense-sft")
@@ -326,9 +329,7 @@ def finetune(model, tokenizer, data: TaskData, config: TrainConfig, out: str | P
         if (base / "training.json").is_file():
             meta["base_training"] = json.loads((base / "training.json").read_text())
         save_checkpoint(model, tokenizer, out, meta, frame)
-        from topklab.training.zoo import CONFIG_FILE  # a zoo model stays a zoo model: keep its config
-
-        if (base / CONFIG_FILE).is_file():
+        if (base / CONFIG_FILE).is_file():  # a zoo model stays a zoo model: keep its config
             shutil.copyfile(base / CONFIG_FILE, Path(out) / CONFIG_FILE)
     return frame
 

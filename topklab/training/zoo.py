@@ -149,6 +149,14 @@ def byte_tokenizer():
                                    split_special_tokens=True)
 
 
+def is_byte_tokenizer(tokenizer) -> bool:
+    """Whether ``tokenizer`` encodes text as the zoo's plain UTF-8 byte ids (as `byte_tokenizer` does)."""
+    if tokenizer is None or getattr(tokenizer, "eos_token_id", None) != EOS_ID:
+        return False
+    probe = "Zoo probe: 42 </s> é"
+    return list(tokenizer(probe, add_special_tokens=True)["input_ids"]) == list(probe.encode("utf-8"))
+
+
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character table, which the ByteLevel pre-tokenizer emits."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -278,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
 
 __all__ = [
     "EOS_ID", "ModelSpec", "PAD_ID", "VOCAB_SIZE", "ZooConfig", "build_model", "byte_tokenizer", "config_from_dict",
-    "export_filler", "is_zoo_checkpoint", "load_config", "load_zoo_model", "main", "train_zoo_model", "zoo_config_of",
+    "export_filler", "is_byte_tokenizer", "is_zoo_checkpoint", "load_config", "load_zoo_model", "main", "train_zoo_model", "zoo_config_of",
 ]
 
 if __name__ == "__main__":

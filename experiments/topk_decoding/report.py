@@ -1,0 +1,185 @@
+"""Shared by the Top-k decoding (claim 1) and Top-k SFT (claim 2) experiments: evaluate a model on tasks under
+dense and Top-k decoding, and summarise accuracy with confidence intervals.
+
+Evaluation reuses `topklab.tasks.evaluate.evaluate_sample` (one dense prefill per sample, every decoding
+configuration decoded from a copy of its cache) but builds the tasks itself, so that a task's parameters (e.g. the
+haystack text a zoo model was trained on) can be set. Rows follow /work/notes/eval_schema.md plus ``arm`` (which
+model variant) and are cached one file per (arm, task, length, sample): re-running skips finished work.
+
+Confidence intervals: a mean of 0/1 scores gets a Wilson 95% interval; a mean of partial scores (RULER's
+string_match_all) a percentile bootstrap over samples; a paired difference between two configurations a
+percentile bootstrap over the samples both saw (seeded). `changed_up` / `changed_down` count the samples whose
+score rose / fell.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from topklab.io import read_table, write_table
+from topklab.tasks import PromptCodec, make
+from topklab.tasks.evaluate import COLUMNS, DecodeConfig, evaluate_sample
+
+log = logging.getLogger(__name__)
+Z95 = 1.959963984540054
+
+
+def evaluate(model, tokenizer, arm: str, tasks, lengths: Sequence[int], samples: int, configs: Sequence[DecodeConfig],
+             out: str | Path, seed: int = 0, max_new_tokens: int | None = None) -> pd.DataFrame:
+    """Rows for every (task, length, sample) x configuration of one model variant ``arm`` (cached under ``out``)."""
+    codec = PromptCodec(tokenizer, vocab_size=model.config.vocab_size)
+    cells = Path(out) / "cells"
+    frames = []
+    work = [(task, length, index) for task in tasks for length in lengths for index in range(samples)]
+    for task, length, index in tqdm(work, desc=f"eval {arm}", unit="sample"):
+        path = cells / f"{arm}-{task.label}-L{length}-s{index}.parquet"
+        done = read_table(path) if path.is_file() else pd.DataFrame({"config": []})
+        pending = [c for c in configs if c.ident not in set(done["config"])]
+        if pending:
+            sample = task.sample(codec, length, index, seed, max_new_tokens)
+            rows, _ = evaluate_sample(model, codec, task, sample, pending)
+            done = pd.concat([done, pd.DataFrame(rows).assign(model=arm, arm=arm, rank=0)], ignore_index=True)
+            write_table(done, path)
+        frames.append(done[done["config"].isin({c.ident for c in configs})])
+    return pd.concat(frames, ignore_index=True)[[*COLUMNS, "arm", "config"]]
+
+
+def build_tasks(names: Sequence[str], filler: str | None):
+    """Tasks by name; ``filler`` sets the haystack text of those that have one (a zoo model's training text)."""
+    tasks = [make(name) for name in names]
+    return [make(t.name, filler=filler) if filler and hasattr(t, "filler") else t for t in tasks]
+
+
+def setting(frame: pd.DataFrame) -> pd.Series:
+    """A readable name per row: "dense" or "exact k=0.02"."""
+    return np.where(frame["indexer"] == "dense", "dense",
+                    frame["indexer"] + " k=" + frame["k"].map(lambda k: f"{k:g}" if pd.notna(k) else ""))
+
+
+def wilson(successes: float, n: int) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion."""
+    if n == 0:
+        return math.nan, math.nan
+    p = successes / n
+    centre = (p + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n**2)) / (1 + Z95**2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap_mean(values: np.ndarray, seed: int = 0, resamples: int = 5000) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean."""
+    values = np.asarray(values, dtype=float)
+    if len(values) == 0:
+        return math.nan, math.nan
+    draws = np.random.default_rng(seed).integers(0, len(values), size=(resamples, len(values)))
+    return tuple(np.percentile(values[draws].mean(1), [2.5, 97.5]))
+
+
+def interval(scores: np.ndarray, seed: int = 0) -> tuple[float, float, str]:
+    """(low, high, method) of the mean score: Wilson for 0/1 scores, bootstrap for partial credit."""
+    scores = np.asarray(scores, dtype=float)
+    if np.isin(scores, (0.0, 1.0)).all():
+        return (*wilson(scores.sum(), len(scores)), "wilson")
+    return (*bootstrap_mean(scores, seed), "bootstrap")
+
+
+def accuracy_table(results: pd.DataFrame, by: Sequence[str], seed: int = 0) -> pd.DataFrame:
+    """Mean score per group with its 95% interval and sample count (plus mean recall / mass recall)."""
+    rows = []
+    for key, group in results.groupby(list(by), sort=False, dropna=False):
+        low, high, method = interval(group["score"].to_numpy(), seed)
+        rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), "n": len(group),
+                     "score": group["score"].mean(), "low": low, "high": high, "ci": method,
+                     "recall": group["recall"].mean(), "mass_recall": group["mass_recall"].mean()})
+    return pd.DataFrame(rows)
+
+
+def paired_difference(results: pd.DataFrame, column: str, a: str, b: str, by: Sequence[str] = (), seed: int = 0,
+                      unit: Sequence[str] = ("task", "length", "sample")) -> pd.DataFrame:
+    """Mean of score[a] - score[b] over the samples both have (``column`` tells a from b), per group ``by``."""
+    rows = []
+    groups = results.groupby(list(by), sort=False) if by else [((), results)]
+    for key, group in groups:
+        wide = group.pivot_table(index=list(unit), columns=column, values="score", aggfunc="mean")
+        if a not in wide or b not in wide:
+            continue
+        diff = (wide[a] - wide[b]).dropna().to_numpy()
+        low, high = bootstrap_mean(diff, seed)
+        key = key if isinstance(key, tuple) else (key,)
+        rows.append({**dict(zip(by, key)), "n": len(diff), "difference": diff.mean() if len(diff) else math.nan,
+                     "low": low, "high": high, "changed_up": int((diff > 0).sum()),
+                     "changed_down": int((diff < 0).sum())})
+    return pd.DataFrame(rows)
+
+
+def plot_accuracy_vs_k(table: pd.DataFrame, path: str | Path, hue: str, title: str) -> Path:
+    """Score vs k (log axis) with 95% intervals, one line per ``hue`` value and one panel per task; dense
+    accuracy drawn as a dashed line of the same colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(table["task"]))
+    figure, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.0), sharey=True, squeeze=False)
+    colours = dict(zip(dict.fromkeys(table[hue]), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for axis, task in zip(axes[0], tasks):
+        rows = table[table["task"] == task]
+        for name, colour in colours.items():
+            line = rows[(rows[hue] == name) & (rows["indexer"] != "dense")].sort_values("k")
+            if len(line):
+                axis.errorbar(line["k"], line["score"], yerr=[line["score"] - line["low"], line["high"] - line["score"]],
+                              marker="o", capsize=3, color=colour, label=f"{name}: Top-k")
+            dense = rows[(rows[hue] == name) & (rows["indexer"] == "dense")]
+            if len(dense):
+                axis.axhline(dense["score"].iloc[0], color=colour, linestyle="--", linewidth=1, label=f"{name}: dense")
+        axis.set_xscale("log")
+        axis.set_ylim(-0.03, 1.03)
+        axis.set_title(f"{task} (n={int(rows['n'].max())} per point)", fontsize=9)
+        axis.set_xlabel("k (ratio of the context)" if (rows["k"].dropna() <= 1).all() else "k (keys)")
+    axes[0][0].set_ylabel("score")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def markdown(frame: pd.DataFrame, digits: int = 3) -> str:
+    """A GitHub table; floats rounded."""
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return "" if math.isnan(value) else f"{value:.{digits}f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def with_interval(table: pd.DataFrame, value: str = "score") -> pd.Series:
+    """"0.800 [0.490, 0.943]" strings."""
+    return table.apply(lambda r: f"{r[value]:.3f} [{r['low']:.3f}, {r['high']:.3f}]", axis=1)
+
+
+def set_threads(threads: int | None) -> None:
+    """Fewer torch threads than cores is faster on a shared machine (oversubscription)."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
+__all__ = [
+    "accuracy_table", "bootstrap_mean", "build_tasks", "evaluate", "interval", "markdown", "paired_difference", "plot_accuracy_vs_k",
+    "set_threads", "setting", "wilson", "with_interval",
+]

@@ -1,0 +1,160 @@
+"""Claim 2: Top-k decoding accuracy of a normally trained vs a Top-k fine-tuned model, across k.
+
+    python experiments/topk_sft/run.py                       # CPU-sized: the zoo-xs-cpu model, ~10 min on 2 cores
+    python experiments/topk_sft/run.py --base results/zoo/zoo-s --dense-sft results/zoo/zoo-s-dense-sft \\
+        --topk-sft results/zoo/zoo-s-topk-sft --samples 50       # arms fine-tuned on the GPU by experiments/zoo/run.sh
+
+Two arms start from the same base model and see the same data, steps and seed; they differ only in the attention
+of the fine-tuning forward pass: dense (the control) or exact Top-k at ``--train-k`` per query head (the study's
+Top-k SFT). Both are then decoded with dense attention and with exact Top-k at each ``--eval-k`` (prefill dense).
+The question is whether Top-k decoding loses less accuracy after Top-k SFT, so the key numbers are the paired
+differences (same samples) Top-k SFT minus dense SFT at each k. Writes OUT/results.parquet, OUT/summary.csv,
+OUT/paired_topk_vs_dense_sft.csv, OUT/summary.md and OUT/accuracy_vs_k.png; re-running reuses checkpoints and
+finished samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "topk_decoding"))
+from report import (  # noqa: E402
+    accuracy_table,
+    build_tasks,
+    evaluate,
+    markdown,
+    paired_difference,
+    plot_accuracy_vs_k,
+    set_threads,
+    setting,
+    with_interval,
+)
+
+from topklab.io import write_table, write_text  # noqa: E402
+from topklab.tasks.evaluate import configurations  # noqa: E402
+from topklab.training.topk_sft import TaskData, TopkSpec, TrainConfig, finetune, load_trainable  # noqa: E402
+from topklab.training.zoo import is_zoo_checkpoint, load_config, load_zoo_model, train_zoo_model  # noqa: E402
+
+ARMS = ("dense-sft", "topk-sft")
+
+
+def parse_k(text: str) -> int | float:
+    return int(text) if text.isdigit() else float(text)
+
+
+def base_model(args, out: Path) -> str:
+    """The base checkpoint: ``--base`` if it is one, else a zoo model trained here from the config ``--base``."""
+    if not args.base.endswith((".json", ".toml")):
+        return args.base
+    config = load_config(args.base)
+    folder = out / "checkpoints" / config.name
+    if not (folder / "model.safetensors").is_file():
+        train_zoo_model(config, folder, args.device)
+    return str(folder)
+
+
+def arm_checkpoint(arm: str, base: str, args, out: Path) -> str:
+    """A fine-tuned arm: given on the command line, found from an earlier run, or fine-tuned now."""
+    given = getattr(args, arm.replace("-", "_"))
+    if given:
+        return given
+    folder = out / "checkpoints" / arm
+    if (folder / "model.safetensors").is_file():
+        return str(folder)
+    model, tokenizer = load_trainable(base, args.device)
+    filler = args.filler
+    data = TaskData(tuple(args.tasks.split(",")), tuple(int(n) for n in args.train_lengths.split(",")), "answer",
+                    data_seed=args.data_seed, filler=filler)
+    topk = TopkSpec(parse_k(args.train_k)) if arm == "topk-sft" else None
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, seed=args.seed,
+                         topk=topk, log_every=10)
+    finetune(model, tokenizer, data, config, folder, desc=arm)
+    return str(folder)
+
+
+def load(path: str, device: str):
+    if is_zoo_checkpoint(path):
+        return load_zoo_model(path, device=device)
+    return load_trainable(path, device)
+
+
+def summarise(results: pd.DataFrame, out: Path, title: str, seed: int) -> str:
+    results = results.assign(setting=setting(results))
+    keys = ["arm", "task", "indexer", "k", "setting"]
+    table = pd.concat([accuracy_table(results, keys, seed), accuracy_table(results.assign(task="all"), keys, seed)],
+                      ignore_index=True)
+    scopes = [("all", results), *((task, results[results["task"] == task]) for task in dict.fromkeys(results["task"]))]
+    paired = pd.concat([paired_difference(frame[frame["setting"] == name], "arm", "topk-sft", "dense-sft", seed=seed)
+                        .assign(setting=name, task=scope)
+                        for name in dict.fromkeys(results["setting"]) for scope, frame in scopes], ignore_index=True)
+    write_table(table, out / "summary.csv")
+    write_table(paired, out / "paired_topk_vs_dense_sft.csv")
+    plot_accuracy_vs_k(table.rename(columns={"arm": "model"}), out / "accuracy_vs_k.png", hue="model", title=title)
+    shown = table.assign(**{"score [95% CI]": with_interval(table)})[["arm", "task", "setting", "n", "score [95% CI]",
+                                                                      "ci", "recall", "mass_recall"]]
+    gaps = paired.assign(**{"Top-k SFT minus dense SFT [95% CI]": with_interval(paired, "difference")})[
+        ["setting", "task", "n", "Top-k SFT minus dense SFT [95% CI]", "changed_up", "changed_down"]]
+    text = (f"## {title}\n\nAccuracy per arm and decoding configuration\n\n{markdown(shown)}\n\n"
+            f"Paired difference, same samples and decoding configuration\n\n{markdown(gaps)}\n")
+    write_text(text, out / "summary.md")
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default="experiments/zoo/configs/zoo-xs-cpu.toml",
+                        help="base model: a checkpoint folder, 'smollm2', or a zoo config to train first")
+    parser.add_argument("--dense-sft", help="use this checkpoint as the dense-SFT arm instead of fine-tuning")
+    parser.add_argument("--topk-sft", help="use this checkpoint as the Top-k-SFT arm instead of fine-tuning")
+    parser.add_argument("--tasks", default="passkey,niah_single,vt")
+    parser.add_argument("--filler", default="experiments/zoo/noise_filler.txt",
+                        help="haystack text for training and evaluation ('wiki' for the bundled Wikipedia)")
+    parser.add_argument("--train-lengths", default="768")
+    parser.add_argument("--train-k", default="0.02", help="Top-k of the Top-k SFT arm (ratio or count)")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--data-seed", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="training seed (both arms)")
+    parser.add_argument("--lengths", default="768", help="evaluation lengths")
+    parser.add_argument("--samples", type=int, default=20, help="evaluation samples per task and length")
+    parser.add_argument("--eval-k", default="0.005,0.02,0.1")
+    parser.add_argument("--record", action="store_true", help="also measure recall / mass recall (slower)")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default="results/topk_sft")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    set_threads(args.threads)
+    if args.filler == "wiki":
+        args.filler = None
+    out = Path(args.out)
+    start = time.perf_counter()
+    base = base_model(args, out)
+    configs = configurations(["dense", "exact"], [parse_k(k) for k in args.eval_k.split(",")], per="head",
+                             record=args.record)
+    tasks = build_tasks(args.tasks.split(","), args.filler)
+    lengths = [int(n) for n in args.lengths.split(",")]
+    frames = []
+    for arm in ARMS:
+        model, tokenizer = load(arm_checkpoint(arm, base, args, out), args.device)
+        frames.append(evaluate(model, tokenizer, arm, tasks, lengths, args.samples, configs, out, 0,
+                               args.max_new_tokens))
+    results = pd.concat(frames, ignore_index=True)
+    write_table(results, out / "results.parquet")
+    title = f"Top-k SFT (k={args.train_k}) vs dense SFT of {Path(base).name}, decoded with exact Top-k"
+    print(summarise(results, out, title, seed=0))
+    print(f"{len(results)} rows, {time.perf_counter() - start:.0f} s; outputs in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
