@@ -1,0 +1,81 @@
+"""Claim 4 (REFERENCE.md §1): after Top-k fine-tuning, attention entropy on downstream tasks drops.
+
+Three models read the same task prompts (the samples `topklab eval` scores, seed 0; training draws from another
+seed): the base model, a dense-SFT control and a Top-k-SFT model, both fine-tuned from the base with the same data,
+steps and seed (`topklab.training.topk_sft`), differing only in the attention of the training forward pass. For
+each, attention entropy at the decode positions of every layer and head, and the mass exact Top-k keeps
+(`topklab.analysis.entropy.task_entropy`), go to results/entropy/entropy.parquet; the report compares each model
+with the dense-SFT control (paired bootstrap over prompts) and relates a head's entropy to the mass Top-k loses.
+Re-running reuses the fine-tuned checkpoints and the entropy rows in results/.
+
+    .venv/bin/python experiments/entropy/run.py [config.json]
+
+Writes results/ (checkpoints and rows, ignored by git) and report.md + figures/ here.
+"""
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from topklab.analysis.entropy import ENTROPY_FILE, task_entropy
+from topklab.analysis.report import write_report
+from topklab.io import read_table, write_table
+from topklab.training.topk_sft import TaskData, TopkSpec, TrainConfig, finetune, load_trainable
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+log = logging.getLogger("experiments.entropy")
+
+
+def model_for(config: dict, arm: str | None):
+    """(model, tokenizer) of one arm: the base (None), or its "dense" / "topk" fine-tune, trained unless saved."""
+    base = config["model"]
+    if arm is None:
+        return load_trainable(base, "cpu")
+    checkpoint = RESULTS / f"{base}-{arm}-sft"
+    if (checkpoint / "training.json").is_file():
+        return load_trainable(str(checkpoint), "cpu")
+    ft = config["finetune"]
+    torch.manual_seed(ft["seed"])
+    model, tokenizer = load_trainable(base, "cpu")
+    data = TaskData(tasks=tuple(ft["tasks"]), lengths=tuple(ft["lengths"]))
+    train = TrainConfig(steps=ft["steps"], batch_size=ft["batch_size"], lr=ft["lr"], warmup=ft["warmup"],
+                        seed=ft["seed"], topk=TopkSpec(ft["topk_k"]) if arm == "topk" else None)
+    frame = finetune(model, tokenizer, data, train, checkpoint)
+    log.info("%s-SFT: loss %.3f -> %.3f in %d steps", arm, frame["loss"].head(5).mean(), frame["loss"].tail(5).mean(),
+             len(frame))
+    return model, tokenizer
+
+
+def entropy_rows(config: dict, arm: str | None) -> pd.DataFrame:
+    """Entropy rows of one arm on the evaluation prompts (computed once, then read back)."""
+    name = config["model"] + (f"-{arm}-sft" if arm else "")
+    path = RESULTS / "rows" / f"{name}.parquet"
+    if path.is_file():
+        return read_table(path)
+    model, tokenizer = model_for(config, arm)
+    model.eval()
+    e = config["entropy"]
+    rows = task_entropy(model, tokenizer, tasks=e["tasks"], lengths=e["lengths"], samples=e["samples"],
+                        decode_steps=e["decode_steps"], layers=e["layers"], ks=e["ks"], model_name=name)
+    write_table(rows, path)
+    return rows
+
+
+def main(config_path: Path) -> None:
+    config = json.loads(config_path.read_text())
+    rows = pd.concat([entropy_rows(config, arm) for arm in (None, "dense", "topk")], ignore_index=True)
+    write_table(rows, RESULTS / "entropy" / ENTROPY_FILE)
+    report = write_report(RESULTS / "entropy", HERE / "report.md", n_resamples=config["report"]["resamples"],
+                          seed=config["report"]["seed"], baseline=f"{config['model']}-dense-sft")
+    print(f"report: {report}")
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "config.json")
