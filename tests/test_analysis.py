@@ -151,6 +151,9 @@ def test_incomplete_samples_are_dropped_and_bad_input_is_explained(caplog):
     with caplog.at_level(logging.WARNING):
         table = correlation.correlate(rows[~gone], n_resamples=100)
     assert (table["samples"] == 11).all() and "dropping 1 of 12 samples" in caplog.text
+    unrecorded = rows.copy()
+    unrecorded.loc[(rows.task == "passkey") & (rows["sample"] == 1) & (rows.indexer == "hnsw:M=16"), "recall"] = np.nan
+    assert (correlation.correlate(unrecorded, metrics=("recall",), n_resamples=100)["samples"] == 11).all()
     with pytest.raises(ValueError, match="lack column"):
         correlation.correlate(rows.drop(columns="score"))
     with pytest.raises(ValueError, match="at least 3"):

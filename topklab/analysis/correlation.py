@@ -14,8 +14,8 @@ correlation. Resampling is stratified by task x length (each stratum resampled w
 design's task mix. The intervals say how much the correlation would move with another draw of prompts of the same
 kinds; they do not cover other models or other indexer families.
 
-A sample that lacks some configuration (an unfinished run) is dropped from all of them, so that the design stays
-paired; a log line says how many.
+A sample that lacks some configuration (an unfinished run), or the fidelity a correlation needs (a decode that
+recorded no step), is dropped from all of them, so that the design stays paired; a log line says how many.
 """
 
 from __future__ import annotations
@@ -140,10 +140,10 @@ def _design(results: pd.DataFrame, metrics: Sequence[str], require: Sequence[str
     cells = frame[frame["_config"].isin(np.flatnonzero(keep))]
     table = cells.pivot_table(index="_unit", columns="_config", values=["score", *metrics], aggfunc="mean",
                               dropna=False)
-    complete = table["score"].notna().all(axis=1)
+    complete = table[["score", *require]].notna().all(axis=1)
     if not complete.all():
-        log.warning("dropping %d of %d samples that lack some configuration (the comparison must be paired)",
-                    int((~complete).sum()), len(complete))
+        log.warning("dropping %d of %d samples that lack some configuration or its %s (the comparison must be "
+                    "paired)", int((~complete).sum()), len(complete), "/".join(["score", *require]))
     table = table[complete]
     if table.empty:
         raise ValueError("no sample was scored under every configuration; nothing to compare")
