@@ -144,17 +144,17 @@ def test_short_topk_finetune_lowers_the_loss():
     torch.manual_seed(0)
     config = config_from_dict(TINY)
     model = build_model(config)
-    codec = PromptCodec(byte_tokenizer())
+    codec = PromptCodec(None)  # the zoo's byte ids
     data = TaskData(("passkey", "niah_single"), (700,), "answer", data_seed=5)
     held_out = next(task_batches(data, codec, 8, EOS_ID, PAD_ID, seed=99))
     topk = TopkSpec(k=0.05)
     before = _held_out_loss(model, held_out, topk)
     frame = train(model, task_batches(data, codec, 4, EOS_ID, PAD_ID, seed=1),
-                  TrainConfig(steps=25, batch_size=4, lr=1e-2, warmup=2, topk=topk))
+                  TrainConfig(steps=10, batch_size=4, lr=1e-2, warmup=2, topk=topk))
     after = _held_out_loss(model, held_out, topk)
-    assert list(frame.columns) == ["step", "loss", "answer_loss", "lr", "tokens", "seconds"] and len(frame) == 25
+    assert list(frame.columns) == ["step", "loss", "answer_loss", "lr", "tokens", "seconds"] and len(frame) == 10
     assert after < before - 1.0, (before, after)  # ~5.6 (uniform over 258 ids) -> digits learned
-    assert frame["loss"].tail(5).mean() < frame["loss"].head(5).mean()
+    assert frame["loss"].tail(3).mean() < frame["loss"].head(3).mean()
 
 
 def test_task_batches_mark_the_answer_and_pad_right():

@@ -33,6 +33,7 @@ from report import (  # noqa: E402
 )
 
 from topklab.io import write_table, write_text  # noqa: E402
+from topklab.training.topk_sft import default_filler  # noqa: E402
 from topklab.tasks.evaluate import configurations  # noqa: E402
 
 
@@ -77,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", default="0.005,0.02,0.1", help="comma-separated k: ratios of the context or key counts")
     parser.add_argument("--per", default="head", choices=("head", "group", "layer"))
     parser.add_argument("--record", action="store_true", help="also measure recall / mass recall (2-3x slower)")
-    parser.add_argument("--filler", default=None, help="haystack text for the tasks (a zoo model's training text)")
+    parser.add_argument("--filler", default=None,
+                        help="haystack text: 'wiki', a .txt file or folder (default: a zoo model's training text, "
+                             "else wiki)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: each task's own budget")
     parser.add_argument("--seed", type=int, default=0, help="sample seed (0: the samples `topklab eval` draws)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(args.threads)
     ks = [int(k) if k.isdigit() else float(k) for k in args.k.split(",")]
     configs = configurations(["dense", "exact"], ks, per=args.per, record=args.record)
-    tasks = build_tasks(args.tasks.split(","), args.filler)
+    tasks = build_tasks(args.tasks.split(","), default_filler(args.model, args.filler))
     lengths = [int(n) for n in args.lengths.split(",")]
     start = time.perf_counter()
     model, tokenizer = load(args.model, args.device)

@@ -37,6 +37,7 @@ from report import (  # noqa: E402
 )
 
 from topklab.io import write_table, write_text  # noqa: E402
+from topklab.training.topk_sft import default_filler  # noqa: E402
 from topklab.tasks.evaluate import configurations  # noqa: E402
 from topklab.training.topk_sft import TaskData, TopkSpec, TrainConfig, finetune, load_trainable  # noqa: E402
 from topklab.training.zoo import is_zoo_checkpoint, load_config, load_zoo_model, train_zoo_model  # noqa: E402
@@ -68,9 +69,8 @@ def arm_checkpoint(arm: str, base: str, args, out: Path) -> str:
     if (folder / "model.safetensors").is_file():
         return str(folder)
     model, tokenizer = load_trainable(base, args.device)
-    filler = args.filler
     data = TaskData(tuple(args.tasks.split(",")), tuple(int(n) for n in args.train_lengths.split(",")), "answer",
-                    data_seed=args.data_seed, filler=filler)
+                    data_seed=args.data_seed, filler=args.filler)
     topk = TopkSpec(parse_k(args.train_k)) if arm == "topk-sft" else None
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, seed=args.seed,
                          topk=topk, log_every=10)
@@ -113,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dense-sft", help="use this checkpoint as the dense-SFT arm instead of fine-tuning")
     parser.add_argument("--topk-sft", help="use this checkpoint as the Top-k-SFT arm instead of fine-tuning")
     parser.add_argument("--tasks", default="passkey,niah_single,vt")
-    parser.add_argument("--filler", default="experiments/zoo/noise_filler.txt",
-                        help="haystack text for training and evaluation ('wiki' for the bundled Wikipedia)")
+    parser.add_argument("--filler", default=None,
+                        help="haystack text for fine-tuning and evaluation: 'wiki', a .txt file or folder (default: "
+                             "the text the base zoo model was trained on, else wiki)")
     parser.add_argument("--train-lengths", default="768")
     parser.add_argument("--train-k", default="0.02", help="Top-k of the Top-k SFT arm (ratio or count)")
     parser.add_argument("--steps", type=int, default=60)
@@ -134,11 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     set_threads(args.threads)
-    if args.filler == "wiki":
-        args.filler = None
     out = Path(args.out)
     start = time.perf_counter()
     base = base_model(args, out)
+    args.filler = default_filler(base, args.filler)
     configs = configurations(["dense", "exact"], [parse_k(k) for k in args.eval_k.split(",")], per="head",
                              record=args.record)
     tasks = build_tasks(args.tasks.split(","), args.filler)

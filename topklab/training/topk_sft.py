@@ -352,6 +352,28 @@ def _parse_k(text: str) -> int | float:
     return check_k(value)
 
 
+def _zoo_data(model: str) -> TaskData | None:
+    from topklab.training.zoo import is_zoo_checkpoint, zoo_config_of
+
+    return zoo_config_of(model).data if is_zoo_checkpoint(model) else None
+
+
+def default_tasks(model: str, given: str | None) -> tuple[str, ...]:
+    """``given``, else the tasks a zoo base was trained on, else `TaskData`'s default."""
+    if given:
+        return tuple(given.split(","))
+    base = _zoo_data(model)
+    return base.tasks if base is not None else TaskData().tasks
+
+
+def default_filler(model: str, given: str | None) -> str | None:
+    """``given`` ('wiki' = the tasks' default), else the text a zoo base was trained on, else the default."""
+    if given is not None:
+        return None if given == "wiki" else given
+    base = _zoo_data(model)
+    return base.filler if base is not None else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     d, t = TaskData(), TrainConfig()
     parser = argparse.ArgumentParser(prog="python -m topklab.training.topk_sft", description=__doc__,
@@ -362,11 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--per", choices=PER_CHOICES, default="head")
     parser.add_argument("--sinks", type=int, default=0)
     parser.add_argument("--window", type=int, default=0)
-    parser.add_argument("--tasks", default=",".join(d.tasks), help="comma-separated task names")
+    parser.add_argument("--tasks", help=f"comma-separated task names (default: a zoo base's training tasks, else "
+                                        f"{','.join(d.tasks)})")
     parser.add_argument("--lengths", default=",".join(map(str, d.lengths)), help="comma-separated token lengths")
     parser.add_argument("--loss-on", choices=LOSS_ON, default=d.loss_on)
     parser.add_argument("--data-seed", type=int, default=d.data_seed)
-    parser.add_argument("--filler", default=None, help="haystack text: a .txt file or folder (default: wiki)")
+    parser.add_argument("--filler", help="haystack text: 'wiki', a .txt file or folder (default: a zoo base's "
+                                         "training text, else wiki)")
     for name in ("steps", "batch_size", "warmup", "seed"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(t, name))
     for name in ("lr", "weight_decay"):
@@ -388,8 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give exactly one of --k (Top-k fine-tuning) and --dense (the dense control)")
     try:
         topk = None if args.dense else TopkSpec(args.k, args.per, args.sinks, args.window)
-        data = TaskData(tuple(args.tasks.split(",")), tuple(int(n) for n in args.lengths.split(",")), args.loss_on,
-                        args.data_seed, args.filler)
+        data = TaskData(default_tasks(args.model, args.tasks), tuple(int(n) for n in args.lengths.split(",")),
+                        args.loss_on, data_seed=args.data_seed, filler=default_filler(args.model, args.filler))
         config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                              weight_decay=args.weight_decay, seed=args.seed, dtype=args.dtype, topk=topk,
                              workers=args.workers, max_seconds=args.max_seconds)
@@ -404,8 +428,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = [
-    "LOSS_ON", "TaskBatches", "TaskData", "TopkSpec", "TrainConfig", "answer_text", "finetune", "learning_rate",
-    "load_trainable", "save_checkpoint", "special_ids", "task_batches", "token_loss", "train",
+    "LOSS_ON", "TaskBatches", "TaskData", "TopkSpec", "TrainConfig", "answer_text", "default_filler", "default_tasks",
+    "finetune", "learning_rate", "load_trainable", "save_checkpoint", "special_ids", "task_batches", "token_loss", "train",
 ]
 
 if __name__ == "__main__":
