@@ -25,9 +25,15 @@ def recall_vs_k(results: pd.DataFrame, path, title: str | None = None) -> Path:
     sns.set_theme(style="whitegrid", context="paper")
     grid = sns.relplot(data=long, x="k", y="value", hue="indexer", row="metric", col="layer", kind="line",
                        marker="o", height=2.3, aspect=0.9, facet_kws={"sharey": True})
+    ks = sorted(means["k"].unique())
     grid.set(xscale="log", ylim=(-0.02, 1.02))
-    grid.set_titles("{row_name} | layer {col_name}")
+    for ax in grid.axes.flat:
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.minorticks_off()
+    grid.set_titles("layer {col_name}")
     grid.set_axis_labels("k", "")
+    for row, label in zip(grid.axes, grid.row_names):
+        row[0].set_ylabel(label)
     if title:
         grid.figure.suptitle(title, y=1.02)
     out = atomic_write(path, lambda tmp: grid.figure.savefig(tmp, format=Path(path).suffix[1:] or "png", dpi=110,
