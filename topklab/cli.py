@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv or ["recall"])
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("gensim", "matplotlib", "PIL", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError, ImportError, KeyError) as err:
