@@ -14,6 +14,7 @@ score rose / fell.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Sequence
@@ -50,6 +51,56 @@ def evaluate(model, tokenizer, arm: str, tasks, lengths: Sequence[int], samples:
             write_table(done, path)
         frames.append(done[done["config"].isin({c.ident for c in configs})])
     return pd.concat(frames, ignore_index=True)[[*COLUMNS, "arm", "config"]]
+
+
+def evaluate_teacher_forced(model, tokenizer, arm: str, tasks, lengths: Sequence[int], samples: int,
+                            configs: Sequence[DecodeConfig], out: str | Path, seed: int = 0,
+                            max_new_tokens: int | None = None) -> pd.DataFrame:
+    """Teacher-forced Top-k decoding: per sample and configuration, the reference answer's mean token NLL
+    (``nll``), the share of its tokens that are the argmax (``token_accuracy``) and whether all are (``exact``).
+
+    One forward pass over prompt + answer + EOS, dense on the prompt and exact Top-k on the answer rows
+    (`topk_training_attention(dense_prefix=...)`), equals step-by-step Top-k decoding fed the reference (tested), so
+    a small accuracy effect shows up as a likelihood shift without sampling noise from greedy decoding.
+    """
+    from topklab.decoding.topk_training_attention import topk_training_attention
+    from topklab.training.topk_sft import answer_text, special_ids
+
+    codec = PromptCodec(tokenizer, vocab_size=model.config.vocab_size)
+    eos, _ = special_ids(model, tokenizer)
+    device = next(model.parameters()).device
+    frames = []
+    work = [(task, length, index) for task in tasks for length in lengths for index in range(samples)]
+    for task, length, index in tqdm(work, desc=f"teacher-forced {arm}", unit="sample"):
+        path = Path(out) / "teacher_forced" / f"{arm}-{task.label}-L{length}-s{index}.parquet"
+        done = read_table(path) if path.is_file() else pd.DataFrame({"config": []})
+        pending = [c for c in configs if c.ident not in set(done["config"])]
+        if pending:
+            sample = task.sample(codec, length, index, seed, max_new_tokens)
+            answer = codec.encode(answer_text(sample.answers)) + [eos]
+            prompt = len(sample.input_ids)
+            ids = torch.tensor([list(sample.input_ids) + answer], device=device)
+            target = torch.tensor(answer, device=device)
+            rows = []
+            for config in pending:
+                if not config.dense and config.indexer != "exact":
+                    raise ValueError(f"teacher-forced scoring runs exact Top-k only, not {config.indexer!r}")
+                attention = (contextlib.nullcontext() if config.dense else
+                             topk_training_attention(model, config.k, per=config.per, sinks=config.sinks,
+                                                     window=config.window, dense_prefix=prompt))
+                with torch.no_grad(), attention:
+                    logits = model(input_ids=ids).logits[0, prompt - 1 : -1].float()
+                hits = logits.argmax(-1) == target
+                rows.append({"task": task.label, "length": length, "sample": index, "seed": seed, "model": arm,
+                             "arm": arm, "indexer": config.indexer, "per": config.per, "config": config.ident,
+                             "k": math.nan if config.k is None else float(config.k),
+                             "nll": torch.nn.functional.cross_entropy(logits, target).item(),
+                             "token_accuracy": hits.float().mean().item(), "exact": float(hits.all()),
+                             "context_tokens": prompt})
+            done = pd.concat([done, pd.DataFrame(rows)], ignore_index=True)
+            write_table(done, path)
+        frames.append(done[done["config"].isin({c.ident for c in configs})])
+    return pd.concat(frames, ignore_index=True)
 
 
 def build_tasks(names: Sequence[str], filler: str | None):
@@ -103,12 +154,12 @@ def accuracy_table(results: pd.DataFrame, by: Sequence[str], seed: int = 0) -> p
 
 
 def paired_difference(results: pd.DataFrame, column: str, a: str, b: str, by: Sequence[str] = (), seed: int = 0,
-                      unit: Sequence[str] = ("task", "length", "sample")) -> pd.DataFrame:
-    """Mean of score[a] - score[b] over the samples both have (``column`` tells a from b), per group ``by``."""
+                      unit: Sequence[str] = ("task", "length", "sample"), value: str = "score") -> pd.DataFrame:
+    """Mean of value[a] - value[b] over the samples both have (``column`` tells a from b), per group ``by``."""
     rows = []
     groups = results.groupby(list(by), sort=False) if by else [((), results)]
     for key, group in groups:
-        wide = group.pivot_table(index=list(unit), columns=column, values="score", aggfunc="mean")
+        wide = group.pivot_table(index=list(unit), columns=column, values=value, aggfunc="mean")
         if a not in wide or b not in wide:
             continue
         diff = (wide[a] - wide[b]).dropna().to_numpy()
@@ -180,6 +231,6 @@ def set_threads(threads: int | None) -> None:
 
 
 __all__ = [
-    "accuracy_table", "bootstrap_mean", "build_tasks", "evaluate", "interval", "markdown", "paired_difference", "plot_accuracy_vs_k",
+    "accuracy_table", "bootstrap_mean", "build_tasks", "evaluate", "evaluate_teacher_forced", "interval", "markdown", "paired_difference", "plot_accuracy_vs_k",
     "set_threads", "setting", "wilson", "with_interval",
 ]

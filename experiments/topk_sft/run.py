@@ -1,16 +1,18 @@
 """Claim 2: Top-k decoding accuracy of a normally trained vs a Top-k fine-tuned model, across k.
 
-    python experiments/topk_sft/run.py                       # CPU-sized: the zoo-xs-cpu model, ~10 min on 2 cores
-    python experiments/topk_sft/run.py --base results/zoo/zoo-s --dense-sft results/zoo/zoo-s-dense-sft \\
-        --topk-sft results/zoo/zoo-s-topk-sft --samples 50       # arms fine-tuned on the GPU by experiments/zoo/run.sh
+    bash experiments/zoo/run.sh && python experiments/topk_sft/run.py --samples 50   # arms fine-tuned on a GPU
+    python experiments/topk_sft/run.py --base results/zoo/zoo-s --steps 40 --batch-size 4  # both arms fine-tuned here
 
 Two arms start from the same base model and see the same data, steps and seed; they differ only in the attention
 of the fine-tuning forward pass: dense (the control) or exact Top-k at ``--train-k`` per query head (the study's
 Top-k SFT). Both are then decoded with dense attention and with exact Top-k at each ``--eval-k`` (prefill dense).
 The question is whether Top-k decoding loses less accuracy after Top-k SFT, so the key numbers are the paired
-differences (same samples) Top-k SFT minus dense SFT at each k. Writes OUT/results.parquet, OUT/summary.csv,
-OUT/paired_topk_vs_dense_sft.csv, OUT/summary.md and OUT/accuracy_vs_k.png; re-running reuses checkpoints and
-finished samples.
+differences (same samples) Top-k SFT minus dense SFT at each k. Greedy task scores are coarse on few samples, so
+each arm is also scored teacher-forced: the reference answer's NLL under dense and under Top-k decoding (one pass,
+dense prompt, Top-k answer rows; equal to step-by-step Top-k decoding) and the "consistency gap" NLL(Top-k) -
+NLL(dense), compared between the arms per sample. Writes OUT/results.parquet, OUT/teacher_forced.parquet,
+OUT/summary.csv, OUT/paired_topk_vs_dense_sft.csv, OUT/teacher_forced_gaps.csv, OUT/summary.md and
+OUT/accuracy_vs_k.png; re-running reuses checkpoints and finished samples.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "topk_decoding"))
 from report import (  # noqa: E402
     accuracy_table,
     build_tasks,
+    bootstrap_mean,
     evaluate,
+    evaluate_teacher_forced,
     markdown,
     paired_difference,
     plot_accuracy_vs_k,
@@ -37,7 +41,7 @@ from report import (  # noqa: E402
 )
 
 from topklab.io import write_table, write_text  # noqa: E402
-from topklab.training.topk_sft import default_filler  # noqa: E402
+from topklab.training.topk_sft import default_filler, default_tasks  # noqa: E402
 from topklab.tasks.evaluate import configurations  # noqa: E402
 from topklab.training.topk_sft import TaskData, TopkSpec, TrainConfig, finetune, load_trainable  # noqa: E402
 from topklab.training.zoo import is_zoo_checkpoint, load_config, load_zoo_model, train_zoo_model  # noqa: E402
@@ -50,7 +54,17 @@ def parse_k(text: str) -> int | float:
 
 
 def base_model(args, out: Path) -> str:
-    """The base checkpoint: ``--base`` if it is one, else a zoo model trained here from the config ``--base``."""
+    """The base checkpoint: the one `experiments/zoo/run.sh` fine-tuned (``auto``, its arms with it), a checkpoint
+    folder, or a zoo model trained here from a config file."""
+    if args.base == "auto":
+        found = sorted(p for p in Path("results/zoo").glob("*-topk-sft")
+                       if Path(str(p).removesuffix("-topk-sft") + "-dense-sft").is_dir())
+        if not found:
+            raise SystemExit("no fine-tuned zoo arms under results/zoo: run `bash experiments/zoo/run.sh` on a GPU, or "
+                             "pass --base CHECKPOINT (fine-tuned here) or --base experiments/zoo/configs/NAME.toml")
+        base = str(found[-1]).removesuffix("-topk-sft")
+        args.dense_sft, args.topk_sft = args.dense_sft or f"{base}-dense-sft", args.topk_sft or f"{base}-topk-sft"
+        return base
     if not args.base.endswith((".json", ".toml")):
         return args.base
     config = load_config(args.base)
@@ -84,6 +98,36 @@ def load(path: str, device: str):
     return load_trainable(path, device)
 
 
+def likelihood_summary(forced: pd.DataFrame, out: Path, seed: int) -> str:
+    """Teacher-forced answer NLL per arm and setting, and the consistency gap: how much Top-k decoding raises the
+    NLL over dense decoding (paired per sample), per arm and Top-k SFT minus dense SFT."""
+    forced = forced.assign(setting=setting(forced))
+    wide = forced.pivot_table(index=["arm", "task", "length", "sample"], columns="setting", values="nll")
+    rows = []
+    for name in [c for c in wide.columns if c != "dense"]:
+        gap = (wide[name] - wide["dense"]).rename("gap").reset_index()
+        for arm in ARMS:
+            values = gap[gap["arm"] == arm]["gap"].dropna().to_numpy()
+            low, high = bootstrap_mean(values, seed)
+            rows.append({"setting": name, "arm": arm, "n": len(values), "nll_gap": values.mean(), "low": low,
+                         "high": high})
+        both = gap.pivot_table(index=["task", "length", "sample"], columns="arm", values="gap").dropna()
+        diff = (both["topk-sft"] - both["dense-sft"]).to_numpy()
+        low, high = bootstrap_mean(diff, seed)
+        rows.append({"setting": name, "arm": "topk-sft minus dense-sft", "n": len(diff), "nll_gap": diff.mean(),
+                     "low": low, "high": high})
+    gaps = pd.DataFrame(rows)
+    means = forced.groupby(["arm", "setting"], sort=False).agg(n=("nll", "size"), nll=("nll", "mean"),
+                                                               token_accuracy=("token_accuracy", "mean"),
+                                                               exact=("exact", "mean")).reset_index()
+    write_table(gaps, out / "teacher_forced_gaps.csv")
+    write_table(means, out / "teacher_forced_means.csv")
+    shown = gaps.assign(**{"NLL(Top-k) - NLL(dense) [95% CI]": with_interval(gaps, "nll_gap")})
+    return (f"Teacher-forced answers (mean per-token NLL in nats; token accuracy = argmax hits)\n\n{markdown(means)}"
+            f"\n\nConsistency gap, paired per sample\n\n"
+            f"{markdown(shown[['setting', 'arm', 'n', 'NLL(Top-k) - NLL(dense) [95% CI]']])}\n")
+
+
 def summarise(results: pd.DataFrame, out: Path, title: str, seed: int) -> str:
     results = results.assign(setting=setting(results))
     keys = ["arm", "task", "indexer", "k", "setting"]
@@ -108,15 +152,16 @@ def summarise(results: pd.DataFrame, out: Path, title: str, seed: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", default="experiments/zoo/configs/zoo-xs-cpu.toml",
-                        help="base model: a checkpoint folder, 'smollm2', or a zoo config to train first")
+    parser.add_argument("--base", default="auto",
+                        help="'auto' (the arms experiments/zoo/run.sh fine-tuned on the GPU), a checkpoint folder or "
+                             "'smollm2' (both arms fine-tuned here), or a zoo config to train first")
     parser.add_argument("--dense-sft", help="use this checkpoint as the dense-SFT arm instead of fine-tuning")
     parser.add_argument("--topk-sft", help="use this checkpoint as the Top-k-SFT arm instead of fine-tuning")
-    parser.add_argument("--tasks", default="passkey,niah_single,vt")
+    parser.add_argument("--tasks", default=None, help="default: the base zoo model's training tasks")
     parser.add_argument("--filler", default=None,
                         help="haystack text for fine-tuning and evaluation: 'wiki', a .txt file or folder (default: "
                              "the text the base zoo model was trained on, else wiki)")
-    parser.add_argument("--train-lengths", default="768")
+    parser.add_argument("--train-lengths", default="1024")
     parser.add_argument("--train-k", default="0.02", help="Top-k of the Top-k SFT arm (ratio or count)")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -124,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--data-seed", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0, help="training seed (both arms)")
-    parser.add_argument("--lengths", default="768", help="evaluation lengths")
+    parser.add_argument("--lengths", default="1024", help="evaluation lengths")
     parser.add_argument("--samples", type=int, default=20, help="evaluation samples per task and length")
     parser.add_argument("--eval-k", default="0.005,0.02,0.1")
     parser.add_argument("--record", action="store_true", help="also measure recall / mass recall (slower)")
@@ -141,17 +186,23 @@ def main(argv: list[str] | None = None) -> int:
     args.filler = default_filler(base, args.filler)
     configs = configurations(["dense", "exact"], [parse_k(k) for k in args.eval_k.split(",")], per="head",
                              record=args.record)
+    args.tasks = ",".join(default_tasks(base, args.tasks))
     tasks = build_tasks(args.tasks.split(","), args.filler)
     lengths = [int(n) for n in args.lengths.split(",")]
-    frames = []
+    frames, forced = [], []
     for arm in ARMS:
         model, tokenizer = load(arm_checkpoint(arm, base, args, out), args.device)
+        forced.append(evaluate_teacher_forced(model, tokenizer, arm, tasks, lengths, args.samples, configs, out, 0,
+                                              args.max_new_tokens))
         frames.append(evaluate(model, tokenizer, arm, tasks, lengths, args.samples, configs, out, 0,
                                args.max_new_tokens))
     results = pd.concat(frames, ignore_index=True)
     write_table(results, out / "results.parquet")
+    write_table(pd.concat(forced, ignore_index=True), out / "teacher_forced.parquet")
     title = f"Top-k SFT (k={args.train_k}) vs dense SFT of {Path(base).name}, decoded with exact Top-k"
-    print(summarise(results, out, title, seed=0))
+    text = summarise(results, out, title, seed=0) + "\n" + likelihood_summary(pd.concat(forced), out, seed=0)
+    write_text(text, out / "summary.md")
+    print(text)
     print(f"{len(results)} rows, {time.perf_counter() - start:.0f} s; outputs in {out}")
     return 0
 

@@ -10,6 +10,10 @@ reach q, k and v through the selected keys only; a key outside a query's Top-k g
 The math is `masked_topk_attention` (the same function sparse prefill uses), so training and Top-k decoding select
 alike. It materialises the [B, Hq, T, N] scores like eager attention: meant for small models and contexts of a few
 thousand tokens.
+
+``dense_prefix = P`` keeps the first P query positions dense: with P = the prompt length, one forward pass over
+prompt + reference answer gives what Top-k decoding (dense prefill, Top-k at every answer step) computes for that
+answer, teacher-forced: a cheap way to score Top-k decoding by the answer's likelihood.
 """
 
 from __future__ import annotations
@@ -33,12 +37,13 @@ class TopkTrainingAttention:
     sinks: int = 0
     window: int = 0
     dense_layers: Sequence[int] = ()
+    dense_prefix: int = 0
 
     def __post_init__(self):
         check_k(self.k)
         if self.per not in PER_CHOICES:
             raise ValueError(f"per must be one of {', '.join(PER_CHOICES)}, got {self.per!r}")
-        for name in ("sinks", "window"):
+        for name in ("sinks", "window", "dense_prefix"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
@@ -53,9 +58,13 @@ class TopkTrainingAttention:
             raise ValueError(f"Top-k training attention has no attention dropout; set the model's attention_dropout "
                              f"to 0 (got {dropout})")
         valid = visible_keys(attention_mask, query.shape[0], query.shape[2], key.shape[2], query.device)
-        out = masked_topk_attention(query, key, value, valid, k=self.k, per=self.per, sinks=self.sinks,
-                                    window=self.window, scale=scaling)
-        return out, None
+        options = dict(per=self.per, sinks=self.sinks, window=self.window, scale=scaling)
+        first = min(self.dense_prefix - (key.shape[2] - query.shape[2]), query.shape[2])  # dense query rows here
+        if first <= 0:
+            return masked_topk_attention(query, key, value, valid, k=self.k, **options), None
+        dense = masked_topk_attention(query[:, :, :first], key, value, valid[:, :first], k=1.0, **options)
+        sparse = masked_topk_attention(query[:, :, first:], key, value, valid[:, first:], k=self.k, **options)
+        return torch.cat([dense, sparse], dim=1), None
 
 
 def visible_keys(attention_mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int, device) -> torch.Tensor:
@@ -76,9 +85,12 @@ def visible_keys(attention_mask: torch.Tensor | None, batch: int, q_len: int, kv
 
 @contextlib.contextmanager
 def topk_training_attention(model: torch.nn.Module, k: int | float, *, per: str = "head", sinks: int = 0,
-                            window: int = 0, dense_layers: Sequence[int] = ()) -> Iterator[TopkTrainingAttention]:
-    """Within the context every forward pass of ``model`` (training or not) uses causal Top-k attention."""
-    hook = TopkTrainingAttention(k, per=per, sinks=sinks, window=window, dense_layers=dense_layers)
+                            window: int = 0, dense_layers: Sequence[int] = (),
+                            dense_prefix: int = 0) -> Iterator[TopkTrainingAttention]:
+    """Within the context every forward pass of ``model`` (training or not) uses causal Top-k attention (the first
+    ``dense_prefix`` positions dense)."""
+    hook = TopkTrainingAttention(k, per=per, sinks=sinks, window=window, dense_layers=dense_layers,
+                                 dense_prefix=dense_prefix)
     unknown = sorted(set(hook.dense_layers) - set(attention_modules(model)))
     if unknown:
         raise ValueError(f"dense_layers names layer(s) {unknown} that {type(model).__name__} does not have")
