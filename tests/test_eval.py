@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
+from topklab.runtime import single_thread
 from topklab.decoding.topk_attention import topk_attention
 from topklab.indexers.exact import Exact
 from topklab.indexers.registry import REGISTRY
@@ -46,10 +47,8 @@ SMALL = dict(model="tiny-llama", tasks=("passkey", "niah_single"), lengths=(2048
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny models are latency-bound; extra threads only contend on a shared 2-core CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from topklab.runtime import single_thread
 from topklab.fidelity.metrics import recall_at_k
 from topklab.fidelity.traces import LayerTrace
 from topklab.indexers import make
@@ -48,10 +49,8 @@ SPEC = "lightning:heads=4,dim=16,rope=0,lr=1e-2,steps=300,fp8=false"
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """These tensors are tiny: one thread is as fast, and immune to the slowdown of threads on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ error against dense attention, plus the indexer's cost.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Iterable, Sequence
@@ -20,6 +19,7 @@ import torch
 from topklab.fidelity.metrics import fidelity_from_logits
 from topklab.fidelity.traces import LayerTrace, TraceFile
 from topklab.indexers import Indexer, make
+from topklab.runtime import single_thread
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +103,10 @@ def evaluate_spec(spec: str, traces: Sequence[TraceFile], ks: Sequence[int], lay
     frames = []
     for layer in layers:
         if indexer.trainable:
-            with _one_thread():
+            with single_thread():
                 indexer = make(spec).fit([ft.layer(layer) for ft in fit_traces])
         for trace in traces:
-            with _one_thread():
+            with single_thread():
                 frame = evaluate_layer(indexer, trace.layer(layer), ks, device)
             frame.insert(0, "trace", trace.path.stem)
             frames.append(frame)
@@ -115,14 +115,3 @@ def evaluate_spec(spec: str, traces: Sequence[TraceFile], ks: Sequence[int], lay
     out.insert(2, "family", indexer.name)
     return out
 
-
-@contextlib.contextmanager
-def _one_thread():
-    """Replay and indexer fitting are many small tensor ops, which intra-op threads only slow down (7-25x on a
-    loaded 2-core machine, measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
