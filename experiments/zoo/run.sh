@@ -32,14 +32,19 @@ steps=()
 
 pids=()
 for name in $ZOO_CONFIGS; do
-  config=$(ls experiments/zoo/configs/"$name".json experiments/zoo/configs/"$name".toml 2>/dev/null | head -n 1)
+  config=experiments/zoo/configs/$name.json
+  if [ ! -f "$config" ]; then config=experiments/zoo/configs/$name.toml; fi
   $PY -m topklab.training.zoo "$config" --out "$CKPT/$name" --device "$DEVICE" \
       --max-seconds "${ZOO_MAX_SECONDS:-150}" "${steps[@]}" > "$CKPT/$name.log" 2>&1 &
   pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid"; done
 pack() {  # the checkpoint folder and its log, whichever exist (a failed run still sends its log back)
-  if [ -n "${OUT:-}" ]; then (cd "$CKPT" && tar -cf "$OUT/$1.tar" $(ls -d "$1" "$1.log" 2>/dev/null)); fi
+  local parts=()
+  for part in "$1" "$1.log"; do
+    if [ -e "$CKPT/$part" ]; then parts+=("$part"); fi
+  done
+  if [ -n "${OUT:-}" ] && [ ${#parts[@]} -gt 0 ]; then tar -cf "$OUT/$1.tar" -C "$CKPT" "${parts[@]}"; fi
 }
 for name in $ZOO_CONFIGS; do pack "$name"; done
 
