@@ -374,3 +374,8 @@ def test_task_entropy_on_task_prompts():
     assert (rows.groupby("sample")["context"].min() > 400).all()
     with pytest.raises(ValueError, match="decode_steps"):
         entropy.task_entropy(model, None, decode_steps=1)
+
+
+def test_single_k_has_one_scope():
+    table = correlation.correlate(eval_rows(samples=4, ks=(16,)), n_resamples=100)
+    assert set(table["scope"]) == {"all"} and len(table) == 6

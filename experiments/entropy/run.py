@@ -33,15 +33,15 @@ log = logging.getLogger("experiments.entropy")
 
 def model_for(config: dict, arm: str | None):
     """(model, tokenizer) of one arm: the base (None), or its "dense" / "topk" fine-tune, trained unless saved."""
-    base = config["model"]
+    base, device = config["model"], config["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     if arm is None:
-        return load_trainable(base, "cpu")
+        return load_trainable(base, device)
     checkpoint = RESULTS / f"{base}-{arm}-sft"
     if (checkpoint / "training.json").is_file():
-        return load_trainable(str(checkpoint), "cpu")
+        return load_trainable(str(checkpoint), device)
     ft = config["finetune"]
     torch.manual_seed(ft["seed"])
-    model, tokenizer = load_trainable(base, "cpu")
+    model, tokenizer = load_trainable(base, device)
     data = TaskData(tasks=tuple(ft["tasks"]), lengths=tuple(ft["lengths"]))
     train = TrainConfig(steps=ft["steps"], batch_size=ft["batch_size"], lr=ft["lr"], warmup=ft["warmup"],
                         seed=ft["seed"], topk=TopkSpec(ft["topk_k"]) if arm == "topk" else None)

@@ -200,11 +200,12 @@ def correlate(results: pd.DataFrame, metrics: Sequence[str] = FIDELITY_METRICS, 
               seed: int = 0) -> pd.DataFrame:
     """Spearman and Pearson r between each fidelity metric and accuracy, across configurations.
 
-    Scopes: ``all`` (every non-dense configuration with recorded fidelity) and ``k=<k>`` (k held fixed, where at
-    least 3 configurations share that k). Columns: [by...], scope, k, metric, method, configs, samples, r, ci_low,
-    ci_high, strength (r signed so that positive means "higher fidelity, higher accuracy") and p_best: the share
-    of bootstrap replicates in which this metric has the highest strength within its scope and method — how sure
-    we are that it is the best predictor. Groups in ``by`` (e.g. ``["task"]``) are analysed separately.
+    Scopes: ``all`` (every non-dense configuration with recorded fidelity) and, where several k were run,
+    ``k=<k>`` (k held fixed, where at least 3 configurations share that k). Columns: [by...], scope, k, metric,
+    method, configs, samples, r, ci_low, ci_high, strength (r signed so that positive means "higher fidelity,
+    higher accuracy") and p_best: the share of bootstrap replicates in which this metric has the highest strength
+    within its scope and method — how sure we are that it is the best predictor. Groups in ``by`` (e.g.
+    ``["task"]``) are analysed separately.
     """
     if by:
         parts = []
@@ -219,7 +220,7 @@ def correlate(results: pd.DataFrame, metrics: Sequence[str] = FIDELITY_METRICS, 
         raise ValueError(f"no fidelity was recorded ({', '.join(metrics)} are all NaN): run the eval with recording on")
     design = _design(rows, recorded, require=recorded)
     scopes = [("all", np.nan, np.arange(len(design.configs)))]
-    if "k" in design.configs:
+    if "k" in design.configs and design.configs["k"].nunique() > 1:  # with one k, "all" is already k held fixed
         for k, idx in design.configs.groupby("k", sort=True).indices.items():
             if len(idx) >= 3:
                 scopes.append((f"k={k:g}", k, idx))
