@@ -122,7 +122,8 @@ def wilson(successes: float, n: int) -> tuple[float, float]:
     p = successes / n
     centre = (p + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
     half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n**2)) / (1 + Z95**2 / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    return low, 1.0 if successes == n else min(1.0, centre + half)
 
 
 def bootstrap_mean(values: np.ndarray, seed: int = 0, resamples: int = 5000) -> tuple[float, float]:
@@ -171,33 +172,36 @@ def paired_difference(results: pd.DataFrame, column: str, a: str, b: str, by: Se
     return pd.DataFrame(rows)
 
 
-def plot_accuracy_vs_k(table: pd.DataFrame, path: str | Path, hue: str, title: str) -> Path:
-    """Score vs k (log axis) with 95% intervals, one line per ``hue`` value and one panel per task; dense
-    accuracy drawn as a dashed line of the same colour."""
+def plot_accuracy_vs_k(table: pd.DataFrame, path: str | Path, hue: str, title: str, value: str = "score",
+                       ylim: tuple[float, float] | None = (-0.03, 1.03)) -> Path:
+    """``value`` (default: score) vs k (log axis) with 95% intervals, one line per ``hue`` value and one panel per
+    task; the dense configuration drawn as a dashed line of the same colour."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tasks = list(dict.fromkeys(table["task"]))
-    figure, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.0), sharey=True, squeeze=False)
+    figure, axes = plt.subplots(1, len(tasks), figsize=(max(5.5, 3.2 * len(tasks)), 3.2), sharey=True, squeeze=False)
     colours = dict(zip(dict.fromkeys(table[hue]), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for axis, task in zip(axes[0], tasks):
         rows = table[table["task"] == task]
         for name, colour in colours.items():
             line = rows[(rows[hue] == name) & (rows["indexer"] != "dense")].sort_values("k")
             if len(line):
-                axis.errorbar(line["k"], line["score"], yerr=[line["score"] - line["low"], line["high"] - line["score"]],
+                below, above = (line[value] - line["low"]).clip(lower=0), (line["high"] - line[value]).clip(lower=0)
+                axis.errorbar(line["k"], line[value], yerr=[below, above],
                               marker="o", capsize=3, color=colour, label=f"{name}: Top-k")
             dense = rows[(rows[hue] == name) & (rows["indexer"] == "dense")]
             if len(dense):
-                axis.axhline(dense["score"].iloc[0], color=colour, linestyle="--", linewidth=1, label=f"{name}: dense")
+                axis.axhline(dense[value].iloc[0], color=colour, linestyle="--", linewidth=1, label=f"{name}: dense")
         axis.set_xscale("log")
-        axis.set_ylim(-0.03, 1.03)
+        if ylim is not None:
+            axis.set_ylim(*ylim)
         axis.set_title(f"{task} (n={int(rows['n'].max())} per point)", fontsize=9)
         axis.set_xlabel("k (ratio of the context)" if (rows["k"].dropna() <= 1).all() else "k (keys)")
-    axes[0][0].set_ylabel("score")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    axes[0][0].set_ylabel(value)
+    axes[0][-1].legend(fontsize=7, loc="best")
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     path = Path(path)

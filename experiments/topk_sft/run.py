@@ -120,6 +120,13 @@ def likelihood_summary(forced: pd.DataFrame, out: Path, seed: int) -> str:
     means = forced.groupby(["arm", "setting"], sort=False).agg(n=("nll", "size"), nll=("nll", "mean"),
                                                                token_accuracy=("token_accuracy", "mean"),
                                                                exact=("exact", "mean")).reset_index()
+    curves = []
+    for (arm, indexer, k), group in forced.assign(task="all").groupby(["arm", "indexer", "k"], dropna=False):
+        low, high = bootstrap_mean(group["nll"].to_numpy(), seed)
+        curves.append({"model": arm, "task": "all", "indexer": indexer, "k": k, "nll": group["nll"].mean(),
+                       "low": low, "high": high, "n": len(group)})
+    plot_accuracy_vs_k(pd.DataFrame(curves), out / "answer_nll_vs_k.png", hue="model", value="nll", ylim=None,
+                       title="Teacher-forced answer NLL (nats/token) under Top-k decoding")
     write_table(gaps, out / "teacher_forced_gaps.csv")
     write_table(means, out / "teacher_forced_means.csv")
     shown = gaps.assign(**{"NLL(Top-k) - NLL(dense) [95% CI]": with_interval(gaps, "nll_gap")})
