@@ -1,6 +1,6 @@
 """Claim 1: exact Top-k decoding vs full attention across k on the task suite.
 
-    python experiments/topk_decoding/run.py                        # SmolLM2, ~10 min on 2 CPU cores
+    python experiments/topk_decoding/run.py                        # SmolLM2 on CPU (20 min on a shared 2-core machine)
     python experiments/topk_decoding/run.py --model results/zoo/zoo-s --samples 50 --lengths 1024,2048
 
 Every sample's prompt is prefilled once with dense attention (the study keeps prefill dense); the answer is then
