@@ -332,7 +332,7 @@ def test_report_end_to_end(tmp_path):
         assert heading in text
     assert "_Not computed: no fidelity was recorded" in text
     links = [line[line.index("(") + 1: -1] for line in text.splitlines() if line.startswith("![")]
-    assert len(links) == 8  # eval 3, recall 2, entropy 3; the eval without fidelity explains its missing figure
+    assert len(links) == 9  # eval 4, recall 2, entropy 3; the eval without fidelity explains its missing figure
     assert "_Figure fidelity-vs-accuracy not drawn" in text
     for link in links:
         image = tmp_path / link
