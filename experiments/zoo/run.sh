@@ -8,7 +8,8 @@
 # Fine-tuning uses the base's own tasks and haystack text. Checkpoints go to $CKPT (default results/zoo,
 # git-ignored); with $OUT set (the lent GPU machine) each is also packed there as a .tar as soon as it is done.
 # Time guards (train.max_seconds) stop a phase early on a slow machine; the steps done are recorded.
-# Knobs: ZOO_CONFIGS (names in configs/, .json or .toml), ZOO_STEPS, SFT_STEPS, SFT_K, DEVICE, CKPT.
+# Knobs: ZOO_CONFIGS (names in configs/, .json or .toml), ZOO_STEPS, SFT_STEPS, SFT_K, SFT_LENGTHS, DEVICE, CKPT.
+# With several GPUs the side-by-side jobs are spread over them.
 #
 #   bash experiments/zoo/run.sh                                      # on the GPU
 #   DEVICE=cpu ZOO_STEPS=3 SFT_STEPS=3 bash experiments/zoo/run.sh   # plumbing check on CPU
@@ -30,15 +31,25 @@ if [ ! -d "$FILLER" ]; then $PY -m topklab.training.zoo --export-filler "$FILLER
 steps=()
 [ -n "${ZOO_STEPS:-}" ] && steps=(--steps "$ZOO_STEPS")
 
+# with several GPUs the jobs of a phase take them in turn (cuda:0, cuda:1, ...)
+gpus=1
+if [ "$DEVICE" = cuda ]; then gpus=$($PY -c "import torch; print(max(1, torch.cuda.device_count()))"); fi
+device_of() { if [ "$DEVICE" = cuda ]; then echo "cuda:$(( $1 % gpus ))"; else echo "$DEVICE"; fi; }
+
 pids=()
+job=0
 for name in $ZOO_CONFIGS; do
   config=experiments/zoo/configs/$name.json
   if [ ! -f "$config" ]; then config=experiments/zoo/configs/$name.toml; fi
-  $PY -m topklab.training.zoo "$config" --out "$CKPT/$name" --device "$DEVICE" \
+  $PY -m topklab.training.zoo "$config" --out "$CKPT/$name" --device "$(device_of $job)" \
       --max-seconds "${ZOO_MAX_SECONDS:-150}" "${steps[@]}" > "$CKPT/$name.log" 2>&1 &
   pids+=($!)
+  job=$((job + 1))
 done
-for pid in "${pids[@]}"; do wait "$pid"; done
+names=($ZOO_CONFIGS)
+for i in "${!pids[@]}"; do
+  wait "${pids[$i]}" || echo "training ${names[$i]} failed: see $CKPT/${names[$i]}.log" >&2
+done
 pack() {  # the checkpoint folder and its log, whichever exist (a failed run still sends its log back)
   local parts=()
   for part in "$1" "$1.log"; do
@@ -60,12 +71,12 @@ EOF
 )
 echo "fine-tuning $best" >&2
 
-common=(--model "$CKPT/$best" --lengths 1024,2048 --steps "$SFT_STEPS" --batch-size 16 --lr 5e-4 --warmup 20
-        --data-seed 2 --seed 0 --device "$DEVICE" --max-seconds "${SFT_MAX_SECONDS:-75}" --workers 7)
+common=(--model "$CKPT/$best" --lengths "${SFT_LENGTHS:-1024,2048}" --steps "$SFT_STEPS" --batch-size 16 --lr 5e-4 --warmup 20
+        --data-seed 2 --seed 0 --max-seconds "${SFT_MAX_SECONDS:-75}" --workers 7)
 [ "$DEVICE" = cuda ] && common+=(--dtype bfloat16)
-$PY -m topklab.training.topk_sft "${common[@]}" --dense --out "$CKPT/$best-dense-sft" > "$CKPT/$best-dense-sft.log" 2>&1 &
+$PY -m topklab.training.topk_sft "${common[@]}" --device "$(device_of 0)" --dense --out "$CKPT/$best-dense-sft" > "$CKPT/$best-dense-sft.log" 2>&1 &
 dense=$!
-$PY -m topklab.training.topk_sft "${common[@]}" --k "$SFT_K" --out "$CKPT/$best-topk-sft" > "$CKPT/$best-topk-sft.log" 2>&1 &
+$PY -m topklab.training.topk_sft "${common[@]}" --device "$(device_of 1)" --k "$SFT_K" --out "$CKPT/$best-topk-sft" > "$CKPT/$best-topk-sft.log" 2>&1 &
 topk=$!
 status=0
 wait $dense || { echo "dense SFT failed: see $CKPT/$best-dense-sft.log" >&2; status=1; }
