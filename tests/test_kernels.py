@@ -184,6 +184,18 @@ def test_topk_all_scores_equal_takes_the_first_k(kernels, rng):
     assert torch.equal(indices, torch.arange(40).expand(1, 2, 40))
 
 
+def test_topk_leaves_its_workspace_zeroed_for_the_next_call(kernels, rng):
+    """The histograms and counters are reused without a memset: each call must clear every row it used."""
+    q, keys = _randn(rng, 2, 6, 32), _randn(rng, 2, 3, 5000, 32)  # two collect programs per row
+    lengths = torch.tensor([5000, 17])
+    first = kernels.topk.topk(q, keys, 40, lengths=lengths)
+    workspace = kernels.topk._WORKSPACES[kernels.topk._workspace_key(q.device)]
+    assert workspace.shape[0] >= 12 and not bool(workspace.any())
+    again = kernels.topk.topk(q, keys, 40, lengths=lengths)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    _check_topk_close(again, kernels.topk.topk_reference(q, keys, 40, lengths=lengths), q, keys, lengths=lengths)
+
+
 def test_topk_folded_queries_and_unsorted_output(kernels, rng):
     q, keys = _randn(rng, 2, 3, 5, 32), _randn(rng, 2, 3, 400, 32)  # [*, M, d] with [*, N, d]
     ref = kernels.topk.topk_reference(q, keys, 20)

@@ -1,19 +1,22 @@
 """Exact Top-k selection for one decode step, near the cost of reading K once.
 
-A few small kernels instead of q.K^T + torch.topk (which reads the scores many times with one block per row):
+Three launches instead of q.K^T + torch.topk (which reads the scores many times with one block per row):
 
 1. ``_score_kernel`` streams K once (many programs per KV head), scores the G query heads of the group on the
    tensor cores, writes the fp32 scores (4*G bytes per key against 2*d to read the key) and the maximum of every
-   block of ``bs`` keys.
-2. ``_block_histogram_kernel`` (twice: bits 31..25, then 24..18) histograms the block maxima of each row with
-   atomics, which gives a value ``v`` with at least k block maxima >= v. Since the blocks are disjoint, at least k
-   keys score >= v: no key of the Top-k is below v, and with >= 4k blocks only about 1.15k keys pass.
-3. ``_collect_kernel`` appends the keys scoring >= v to a candidate list (one atomic per program).
-4. ``_finalize_kernel`` (one program per row) finds the exact k-th largest candidate by narrowing radix
-   histograms (7 bits a pass over the candidates; ties go to the lower index) and writes the k winners.
+   block of ``bs`` keys, and adds each block maximum's top 7 bits (31..25) to the row's radix histogram (atomics).
+2. ``_block_histogram_kernel`` histograms bits 24..18 of the block maxima inside the level-0 bin that holds the
+   k-th largest. The two levels give a value ``v`` with at least k block maxima >= v. Since the blocks are
+   disjoint, at least k keys score >= v: no key of the Top-k is below v, and with >= 4k blocks only ~1.15k pass.
+3. ``_collect_kernel`` reads only the blocks whose maximum is >= v (about a quarter of the scores), appends their
+   keys scoring >= v to a candidate list (one atomic a program), and the row's last program to finish (an arrival
+   counter) finds the exact k-th largest candidate by narrowing radix histograms (7 bits a pass; ties go to the
+   lower index), writes the k winners and zeroes the row's workspace again for the next call.
 
-Scores and indices come back unordered unless ``sorted=True`` (a torch sort of the k winners). Scores are compared
-through an integer key whose signed order is the float order, so every step is exact.
+The workspace (histograms and counters, a few hundred bytes a row) is kept per device and stream and is all zeros
+between calls, so no memset is launched. Scores and indices come back unordered unless ``sorted=True`` (a torch
+sort of the k winners). Scores are compared through an integer key whose signed order is the float order, so
+every step is exact.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from topklab.checks import check_k
 from topklab.kernels._triton import HAS_TRITON, interpreting, next_pow2, tl, triton, use_triton
 
 HIST_BINS = 128  # 7 radix bits a level: the block-maxima levels use bits 31..25 and 24..18
+WORKSPACE_WIDTH = 2 * HIST_BINS + 2  # per row: level-0 and level-1 histograms, candidate count, arrived programs
 MAX_GROUP_BLOCK = 64  # query rows scored together against one key tile
+COLLECT_WARPS = 8  # warps of a collect program (the last one of a row also finalizes it)
 
 
 def topk(q: torch.Tensor, keys: torch.Tensor, k: int, *, lengths: torch.Tensor | None = None,
@@ -144,34 +149,55 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, row_lengths: torch.Tenso
 
     scores = torch.empty(rows, row_stride, dtype=torch.float32, device=device)
     block_max = torch.empty(rows, bmax_stride, dtype=torch.float32, device=device)
-    _score_kernel[(n_lead * m_blocks, triton.cdiv(n, per_split))](
-        q3, k3, lengths_arg, scores, block_max, n, m, k3.stride(0), k3.stride(1), per_split, n_blocks, row_stride,
-        bmax_stride,
-        D=d, BLOCK_D=max(16, next_pow2(d)), BLOCK_M=block_m, BLOCK_N=block_n, BS=block_size,
-        REDUCE_GROUP=per_kv_head, DOT_FP32=dot_fp32, HAS_LENGTHS=has_lengths,
-        num_warps=8 if block_n == 128 else 4, num_stages=3,
-    )
-    # two radix levels of 7 bits over the block maxima (histograms summed by atomics), then the candidates
-    workspace = torch.zeros(rows, 2 * HIST_BINS + 1, dtype=torch.int32, device=device)  # hist0, hist1, count
-    block_t = 2048
-    for level in (0, 1):
-        _block_histogram_kernel[(rows, triton.cdiv(n_blocks, block_t))](
-            block_max, lengths_arg, workspace, n, n_blocks, bmax_stride, k, rows_per_kv,
-            LEVEL=level, BS=block_size, NB=HIST_BINS, BLOCK_T=block_t, HAS_LENGTHS=has_lengths, num_warps=8,
-        )
     candidates = torch.empty(rows, row_stride, dtype=torch.int64, device=device)
-    block_c = 4096
-    _collect_kernel[(rows, triton.cdiv(n, block_c))](
-        scores, lengths_arg, workspace, candidates, n, row_stride, k, rows_per_kv,
-        BS=block_size, NB=HIST_BINS, BLOCK_C=block_c, HAS_LENGTHS=has_lengths, num_warps=8,
-    )
     out_scores = torch.empty(rows, k, dtype=torch.float32, device=device)
     out_indices = torch.empty(rows, k, dtype=torch.int64, device=device)
-    _finalize_kernel[(rows,)](
-        candidates, workspace, lengths_arg, out_scores, out_indices, n, row_stride, k, rows_per_kv,
-        NB=HIST_BINS, BLOCK_F=2048, HAS_LENGTHS=has_lengths, num_warps=8,
-    )
+    workspace = _workspace(device, rows)
+    block_t, block_c = 2048, 4096
+    collect_parts = triton.cdiv(n, block_c)
+    try:
+        _score_kernel[(n_lead * m_blocks, triton.cdiv(n, per_split))](
+            q3, k3, lengths_arg, scores, block_max, workspace, n, m, k3.stride(0), k3.stride(1), per_split,
+            n_blocks, row_stride, bmax_stride,
+            D=d, BLOCK_D=max(16, next_pow2(d)), BLOCK_M=block_m, BLOCK_N=block_n, BS=block_size, NB=HIST_BINS,
+            REDUCE_GROUP=per_kv_head, DOT_FP32=dot_fp32, HAS_LENGTHS=has_lengths,
+            num_warps=8 if block_n == 128 else 4, num_stages=3,
+        )
+        _block_histogram_kernel[(rows, triton.cdiv(n_blocks, block_t))](
+            block_max, lengths_arg, workspace, n, n_blocks, bmax_stride, k, rows_per_kv,
+            BS=block_size, NB=HIST_BINS, BLOCK_T=block_t, HAS_LENGTHS=has_lengths, num_warps=8,
+        )
+        _collect_kernel[(rows, collect_parts)](
+            scores, block_max, lengths_arg, workspace, candidates, out_scores, out_indices, n, row_stride,
+            bmax_stride, k, rows_per_kv, collect_parts,
+            BS=block_size, NB=HIST_BINS, BLOCK_C=block_c, BLOCK_F=2048, HAS_LENGTHS=has_lengths, num_warps=COLLECT_WARPS,
+        )
+    except BaseException:
+        _WORKSPACES.pop(_workspace_key(device), None)  # a launch that failed half-way can leave it dirty
+        raise
     return out_scores, out_indices
+
+
+_WORKSPACES: dict[tuple, torch.Tensor] = {}
+
+
+def _workspace_key(device: torch.device) -> tuple:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    return device, stream
+
+
+def _workspace(device: torch.device, rows: int) -> torch.Tensor:
+    """Zeroed int32 ``[rows, WORKSPACE_WIDTH]``: one buffer per device and stream, reused by every call.
+
+    The kernels leave it all zeros again (the last collect program of each row clears its row), so a call needs
+    no memset; calls on one stream run in order, so they never share it at the same time.
+    """
+    key = _workspace_key(device)
+    workspace = _WORKSPACES.get(key)
+    if workspace is None or workspace.shape[0] < rows:
+        workspace = torch.zeros(max(rows, 64), WORKSPACE_WIDTH, dtype=torch.int32, device=device)
+        _WORKSPACES[key] = workspace
+    return workspace[:rows]
 
 
 def _round16(x: int) -> int:
@@ -221,8 +247,8 @@ if HAS_TRITON:
     def _row_threshold(ws_ptr, row, need, valid_blocks, NB: tl.constexpr):
         """Key v with >= need block maxima >= v, from the two 7-bit radix histograms of the row."""
         bins = tl.arange(0, NB)
-        hist0 = tl.load(ws_ptr + row * (2 * NB + 1) + bins)
-        hist1 = tl.load(ws_ptr + row * (2 * NB + 1) + NB + bins)
+        hist0 = tl.load(ws_ptr + row * (2 * NB + 2) + bins)
+        hist1 = tl.load(ws_ptr + row * (2 * NB + 2) + NB + bins)
         b0, need1, _ = _pick_bin(hist0, need, NB)
         b1, _, _ = _pick_bin(hist1, need1, NB)
         threshold = ((b0 << 25) | (b1 << 18)) - 2147483648
@@ -230,12 +256,13 @@ if HAS_TRITON:
         return tl.where((valid_blocks < need) | (need == 0), -2147483648, threshold)
 
     @triton.jit(do_not_specialize=["N", "n_blocks"])
-    def _score_kernel(q_ptr, k_ptr, len_ptr, s_ptr, bmax_ptr, N, M, stride_kl, stride_kn, per_split, n_blocks,
-                      row_stride, bmax_stride,
+    def _score_kernel(q_ptr, k_ptr, len_ptr, s_ptr, bmax_ptr, ws_ptr, N, M, stride_kl, stride_kn, per_split,
+                      n_blocks, row_stride, bmax_stride,
                       D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BS: tl.constexpr, REDUCE_GROUP: tl.constexpr, DOT_FP32: tl.constexpr,
+                      BS: tl.constexpr, NB: tl.constexpr, REDUCE_GROUP: tl.constexpr, DOT_FP32: tl.constexpr,
                       HAS_LENGTHS: tl.constexpr):
-        """Scores of BLOCK_M query rows of one KV row against a span of keys, plus per-block maxima."""
+        """Scores of BLOCK_M query rows of one KV row against a span of keys, per-block maxima, and the level-0
+        radix histogram of the block maxima (bits 31..25, one atomic per valid block)."""
         pid, split = tl.program_id(0), tl.program_id(1)
         m_blocks = tl.cdiv(M, BLOCK_M)
         lead, mb = pid // m_blocks, pid % m_blocks
@@ -247,6 +274,7 @@ if HAS_TRITON:
         if DOT_FP32:
             q = q.to(tl.float32)
         length = _row_length(len_ptr, lead, 1, N, HAS_LENGTHS)
+        valid_blocks = tl.cdiv(length, BS)
         key_base = k_ptr + lead.to(tl.int64) * stride_kl
         start = split * per_split
         for n0 in range(start, tl.minimum(start + per_split, N), BLOCK_N):
@@ -264,6 +292,8 @@ if HAS_TRITON:
                 tl.store(s_ptr + lead.to(tl.int64) * row_stride + n, summed, mask=n < N)
                 bmax = tl.max(tl.reshape(summed, (BLOCK_N // BS, BS)), axis=1)
                 tl.store(bmax_ptr + lead.to(tl.int64) * bmax_stride + blk, bmax, mask=blk < n_blocks)
+                tl.atomic_add(ws_ptr + lead * (2 * NB + 2) + (_ordered_key(bmax) >> 25) + NB // 2, 1,
+                              mask=blk < valid_blocks, sem="relaxed")
             else:
                 s = tl.where(valid[None, :], s, float("-inf"))
                 rows = (lead * M + m).to(tl.int64)
@@ -271,67 +301,74 @@ if HAS_TRITON:
                 bmax = tl.max(tl.reshape(s, (BLOCK_M, BLOCK_N // BS, BS)), axis=2)
                 tl.store(bmax_ptr + rows[:, None] * bmax_stride + blk[None, :], bmax,
                          mask=m_ok[:, None] & (blk[None, :] < n_blocks))
+                tl.atomic_add(ws_ptr + rows[:, None] * (2 * NB + 2) + (_ordered_key(bmax) >> 25) + NB // 2, 1,
+                              mask=m_ok[:, None] & (blk[None, :] < valid_blocks), sem="relaxed")
 
     @triton.jit(do_not_specialize=["N", "n_blocks"])
     def _block_histogram_kernel(bmax_ptr, len_ptr, ws_ptr, N, n_blocks, bmax_stride, k, rows_per_kv,
-                                LEVEL: tl.constexpr,
                                 BS: tl.constexpr, NB: tl.constexpr, BLOCK_T: tl.constexpr,
                                 HAS_LENGTHS: tl.constexpr):
-        """Radix histogram of a span of block maxima: bits 31..25 (level 0), or bits 24..18 inside the level-0
-        bin that holds the k-th largest (level 1); added into the row's histogram with atomics."""
+        """Level-1 radix histogram of a span of block maxima: bits 24..18 of those inside the level-0 bin that
+        holds the k-th largest, added into the row's histogram with atomics."""
         row, part = tl.program_id(0), tl.program_id(1)
         length = _row_length(len_ptr, row, rows_per_kv, N, HAS_LENGTHS)
         need = tl.minimum(k, length)
         valid_blocks = tl.cdiv(length, BS)
         i = part * BLOCK_T + tl.arange(0, BLOCK_T)
-        ok = i < valid_blocks
-        ukey = _ordered_key(tl.load(bmax_ptr + row.to(tl.int64) * bmax_stride + i, mask=ok, other=0.0)).to(tl.int64)
-        ukey += 2147483648
-        if LEVEL == 0:
-            bins = (ukey >> 25).to(tl.int32)
-        else:
-            hist0 = tl.load(ws_ptr + row * (2 * NB + 1) + tl.arange(0, NB))
-            b0, _, _ = _pick_bin(hist0, need, NB)
-            ok = ok & ((ukey >> 25) == b0)
-            bins = ((ukey >> 18) & (NB - 1)).to(tl.int32)
-        ok = ok & (valid_blocks >= need)
+        key = _ordered_key(tl.load(bmax_ptr + row.to(tl.int64) * bmax_stride + i, mask=i < valid_blocks,
+                                   other=0.0))
+        b0, _, _ = _pick_bin(tl.load(ws_ptr + row * (2 * NB + 2) + tl.arange(0, NB)), need, NB)
+        ok = (i < valid_blocks) & ((key >> 25) + NB // 2 == b0) & (valid_blocks >= need)
+        bins = (key >> 18) & (NB - 1)
         hist = tl.histogram(tl.where(ok, bins, 0), NB, mask=ok)
-        target = ws_ptr + row * (2 * NB + 1) + LEVEL * NB + tl.arange(0, NB)
-        tl.atomic_add(target, hist, mask=hist > 0)
+        target = ws_ptr + row * (2 * NB + 2) + NB + tl.arange(0, NB)
+        tl.atomic_add(target, hist, mask=hist > 0, sem="relaxed")
 
-    @triton.jit(do_not_specialize=["N"])
-    def _collect_kernel(s_ptr, len_ptr, ws_ptr, cand_ptr, N, row_stride, k, rows_per_kv, BS: tl.constexpr,
-                        NB: tl.constexpr, BLOCK_C: tl.constexpr, HAS_LENGTHS: tl.constexpr):
-        """Append (key << 32 | index) of every valid key scoring >= the row's threshold (one atomic a program)."""
+    @triton.jit(do_not_specialize=["N", "parts"])
+    def _collect_kernel(s_ptr, bmax_ptr, len_ptr, ws_ptr, cand_ptr, out_s_ptr, out_i_ptr, N, row_stride,
+                        bmax_stride, k, rows_per_kv, parts, BS: tl.constexpr, NB: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+        """Append (key << 32 | index) of every valid key scoring >= the row's threshold, reading only the blocks
+        whose maximum reaches it (one atomic a program); the row's last program to arrive finalizes the row."""
         row, part = tl.program_id(0), tl.program_id(1)
         length = _row_length(len_ptr, row, rows_per_kv, N, HAS_LENGTHS)
         need = tl.minimum(k, length)
-        threshold = _row_threshold(ws_ptr, row, need, tl.cdiv(length, BS), NB)
+        valid_blocks = tl.cdiv(length, BS)
+        threshold = _row_threshold(ws_ptr, row, need, valid_blocks, NB)
         base = row.to(tl.int64) * row_stride
-        n = part * BLOCK_C + tl.arange(0, BLOCK_C)
-        ok = n < length
+        blk = part * (BLOCK_C // BS) + tl.arange(0, BLOCK_C // BS)
+        blk_ok = blk < valid_blocks
+        bkey = _ordered_key(tl.load(bmax_ptr + row.to(tl.int64) * bmax_stride + blk, mask=blk_ok, other=0.0))
+        n = blk[:, None] * BS + tl.arange(0, BS)[None, :]  # [blocks, BS]: only blocks that can hold a candidate
+        ok = (blk_ok & (bkey >= threshold))[:, None] & (n < length)
         key = _ordered_key(tl.load(s_ptr + base + n, mask=ok, other=0.0))
-        take = ok & (key >= threshold)
-        count = tl.sum(take.to(tl.int32), axis=0)
-        first = tl.atomic_add(ws_ptr + row * (2 * NB + 1) + 2 * NB, count, mask=count > 0)
-        slot = first + tl.cumsum(take.to(tl.int32), axis=0) - 1
-        tl.store(cand_ptr + base + slot, (key.to(tl.int64) << 32) | n, mask=take)
+        take = (ok & (key >= threshold)).to(tl.int32)
+        per_block = tl.sum(take, axis=1)
+        count = tl.sum(per_block, axis=0)
+        ws_row = ws_ptr + row * (2 * NB + 2)
+        first = tl.atomic_add(ws_row + 2 * NB, count, mask=count > 0)
+        slot = first + (tl.cumsum(per_block, axis=0) - per_block)[:, None] + tl.cumsum(take, axis=1) - 1
+        tl.store(cand_ptr + base + slot, (key.to(tl.int64) << 32) | n, mask=take > 0)
+        tl.debug_barrier()  # every thread's candidates are written before the arrival is released
+        arrived = tl.atomic_add(ws_row + 2 * NB + 1, 1, sem="acq_rel")
+        if arrived == parts - 1:
+            total = tl.atomic_add(ws_row + 2 * NB, 0, sem="acq_rel")
+            _finalize_row(cand_ptr + base, total, tl.minimum(k, length), k, N, out_s_ptr + row.to(tl.int64) * k,
+                          out_i_ptr + row.to(tl.int64) * k, NB, BLOCK_F)
+            clear = tl.arange(0, 2 * NB)
+            tl.store(ws_row + clear, tl.zeros_like(clear))
+            tl.store(ws_row + 2 * NB + tl.arange(0, 2), tl.zeros((2,), tl.int32))
 
-    @triton.jit(do_not_specialize=["N"])
-    def _finalize_kernel(cand_ptr, ws_ptr, len_ptr, out_s_ptr, out_i_ptr, N, row_stride, k, rows_per_kv,
-                         NB: tl.constexpr, BLOCK_F: tl.constexpr, HAS_LENGTHS: tl.constexpr):
-        """Exact Top-k of the candidates: narrow [lo, hi] by radix histograms until the cut is known, then write."""
-        row = tl.program_id(0)
-        count = tl.load(ws_ptr + row * (2 * NB + 1) + 2 * NB)
-        length = _row_length(len_ptr, row, rows_per_kv, N, HAS_LENGTHS)
-        k_eff = tl.minimum(k, length)
-        base = row.to(tl.int64) * row_stride
+    @triton.jit
+    def _finalize_row(cand_ptr, count, k_eff, k, N, out_s_ptr, out_i_ptr, NB: tl.constexpr, BLOCK_F: tl.constexpr):
+        """Exact Top-k of a row's candidates: narrow [lo, hi] by radix histograms until the cut is known, then
+        write the winners (and -inf / -1 past k_eff)."""
         offs = tl.arange(0, BLOCK_F)
         lo = tl.full((), 2147483647, tl.int64)
         hi = tl.full((), -2147483648, tl.int64)
         for i0 in range(0, count, BLOCK_F):
             ok = i0 + offs < count
-            key = tl.load(cand_ptr + base + i0 + offs, mask=ok, other=0) >> 32
+            key = tl.load(cand_ptr + i0 + offs, mask=ok, other=0, cache_modifier=".cg") >> 32
             lo = tl.minimum(lo, tl.min(tl.where(ok, key, 2147483647), axis=0))
             hi = tl.maximum(hi, tl.max(tl.where(ok, key, -2147483648), axis=0))
         need = k_eff.to(tl.int64)
@@ -348,7 +385,7 @@ if HAS_TRITON:
                 shift += 1
             hist = tl.zeros((NB,), dtype=tl.int32)
             for i0 in range(0, count, BLOCK_F):
-                packed = tl.load(cand_ptr + base + i0 + offs, mask=i0 + offs < count, other=0)
+                packed = tl.load(cand_ptr + i0 + offs, mask=i0 + offs < count, other=0, cache_modifier=".cg")
                 key = packed >> 32
                 sort_key = tl.where(phase == 0, key, -(packed & 0xFFFFFFFF))
                 ok = (i0 + offs < count) & ((phase == 0) | (key == tie_key)) & (sort_key >= lo) & (sort_key <= hi)
@@ -366,17 +403,16 @@ if HAS_TRITON:
             phase = tl.where(tie, 1, phase)
             steps += 1
         written = tl.full((), 0, tl.int32)
-        out_base = row.to(tl.int64) * k
         for i0 in range(0, tl.where(k_eff > 0, count, 0), BLOCK_F):
-            packed = tl.load(cand_ptr + base + i0 + offs, mask=i0 + offs < count, other=0)
+            packed = tl.load(cand_ptr + i0 + offs, mask=i0 + offs < count, other=0, cache_modifier=".cg")
             key = packed >> 32
             index = packed & 0xFFFFFFFF
             win = (i0 + offs < count) & ((key > cut_key) | ((key == cut_key) & (index <= cut_index)))
             slot = written + tl.cumsum(win.to(tl.int32), axis=0) - 1
-            tl.store(out_s_ptr + out_base + slot, _key_to_float(key.to(tl.int32)), mask=win)
-            tl.store(out_i_ptr + out_base + slot, index, mask=win)
+            tl.store(out_s_ptr + slot, _key_to_float(key.to(tl.int32)), mask=win)
+            tl.store(out_i_ptr + slot, index, mask=win)
             written += tl.sum(win.to(tl.int32), axis=0)
         for j0 in range(k_eff, k, BLOCK_F):
             pad = j0 + offs < k
-            tl.store(out_s_ptr + out_base + j0 + offs, float("-inf"), mask=pad)
-            tl.store(out_i_ptr + out_base + j0 + offs, -1, mask=pad)
+            tl.store(out_s_ptr + j0 + offs, float("-inf"), mask=pad)
+            tl.store(out_i_ptr + j0 + offs, -1, mask=pad)
