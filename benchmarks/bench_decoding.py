@@ -34,6 +34,7 @@ class AttentionTimer:
         self.attention = attention
         self.active = False
         self.spans: list = []
+        self.host_seconds = 0.0  # time the host spends inside the attention function (enqueueing, on CUDA)
 
     def __call__(self, module, query, *args, **kwargs):
         if not self.active or query.shape[2] != 1:
@@ -41,7 +42,9 @@ class AttentionTimer:
         if query.is_cuda:
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
+            begin = time.perf_counter()
             out = self.attention(module, query, *args, **kwargs)
+            self.host_seconds += time.perf_counter() - begin
             stop.record()
             self.spans.append((start, stop))
         else:
@@ -92,7 +95,8 @@ def decode(model, cache, token, steps: int, timer: AttentionTimer, warmup: int, 
     _sync(device)
     wall = time.perf_counter() - begin
     timer.active = False
-    return {"attention_ms": timer.total_ms() / steps, "step_ms": 1000 * wall / steps, "tokens_per_s": steps / wall}
+    return {"attention_ms": timer.total_ms() / steps, "attention_host_ms": 1000 * timer.host_seconds / steps,
+            "step_ms": 1000 * wall / steps, "tokens_per_s": steps / wall}
 
 
 def run_mode(model, cache, prompt_len, token, mode, args) -> dict:
@@ -108,6 +112,28 @@ def run_mode(model, cache, prompt_len, token, mode, args) -> dict:
         timer = AttentionTimer(handle.attention)
         with attention_hook(model, timer):
             return decode(model, cache, token, args.steps, timer, args.warmup, args.device)
+
+
+@torch.no_grad()
+def profile_modes(model, cache, prompt_len, token, args, path: str) -> None:
+    """torch.profiler over a few decode steps of each mode (after its warm-up): CPU and CUDA time by op."""
+    from torch.profiler import ProfilerActivity, profile
+
+    steps, warmup = args.steps, args.warmup
+    args.steps, args.warmup = 4, 8
+    try:
+        with open(path, "a") as out:
+            for mode in args.modes.split(","):
+                run_mode(model, cache, prompt_len, token, mode, args)  # warm (compiles, allocator)
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    run_mode(model, cache, prompt_len, token, mode, args)
+                averages = prof.key_averages()
+                out.write(f"\n## N = {prompt_len}, {mode}: 12 decode steps (8 + 4), sorted by CPU time\n")
+                out.write(averages.table(sort_by="self_cpu_time_total", row_limit=25))
+                out.write(f"\n## N = {prompt_len}, {mode}: sorted by CUDA time\n")
+                out.write(averages.table(sort_by="self_device_time_total", row_limit=25))
+    finally:
+        args.steps, args.warmup = steps, warmup
 
 
 @torch.no_grad()
@@ -155,6 +181,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="a small model and contexts for a CPU smoke run")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--profile", help="append torch.profiler tables of a few decode steps per mode here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.tiny:
@@ -206,6 +233,11 @@ def main(argv=None) -> int:
             except Exception as err:  # keep the other modes' numbers from a one-shot device run
                 logging.exception("mode %s at N=%d failed", mode, n)
                 rows[mode] = {"error": f"{type(err).__name__}: {err}"}
+        if args.profile:
+            try:
+                profile_modes(model, cache, n, token, args, args.profile)
+            except Exception:
+                logging.exception("profiling at N=%d failed", n)
         dense = rows.get("dense", {})
         for mode, row in rows.items():
             if "error" not in row and "attention_ms" in dense:
@@ -216,7 +248,8 @@ def main(argv=None) -> int:
         del cache
         if args.device != "cpu":
             torch.cuda.empty_cache()
-    print(f"\n{'N':>7} {'mode':>11} {'attn ms/step':>13} {'x dense':>8} {'step ms':>8} {'tok/s':>8} {'x dense':>8}")
+    print(f"\n{'N':>7} {'mode':>11} {'attn ms/step':>13} {'x dense':>8} {'host ms':>8} {'step ms':>8} {'tok/s':>8} "
+          f"{'x dense':>8}")
     for row in results:
         if row["mode"] == "micro" and "error" not in row:
             timings = ", ".join(f"{name} {value:.3f}" for name, value in row.items() if name.endswith("_ms"))
@@ -226,7 +259,8 @@ def main(argv=None) -> int:
             print(f"{row['context']:>7} {row['mode']:>11} {row['error']}")
             continue
         print(f"{row['context']:>7} {row['mode']:>11} {row['attention_ms']:>13.3f} "
-              f"{row.get('attention_speedup', 1):>8.2f} {row['step_ms']:>8.2f} {row['tokens_per_s']:>8.1f} "
+              f"{row.get('attention_speedup', 1):>8.2f} {row['attention_host_ms']:>8.3f} {row['step_ms']:>8.2f} "
+              f"{row['tokens_per_s']:>8.1f} "
               f"{row.get('tokens_speedup', 1):>8.2f}")
     if args.json:
         with open(args.json, "w") as handle:
