@@ -4,6 +4,7 @@ resumption, sharding (in process and with two torchrun processes), device_map lo
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import subprocess
@@ -267,3 +268,20 @@ def test_smollm2_passkey_end_to_end(tmp_path):
     assert len(results) == 2 and results.context_tokens.iloc[0] + 6 <= 1024
     assert results[results.indexer == "exact"].recall.eq(1.0).all()
     assert not math.isnan(results[results.indexer == "exact"].mass_recall.iloc[0])
+
+
+def test_haystack_text_follows_the_model_unless_given(tmp_path):
+    noise = tmp_path / "noise.txt"
+    noise.write_text("The grass is green and the sky is blue; here we go, there and back again.\n" * 200)
+    zoo = tmp_path / "zoo-model"
+    zoo.mkdir()
+    config = json.loads(Path("experiments/zoo/configs/zoo-s-noise-short.json").read_text())
+    config["data"]["filler"] = str(noise)
+    (zoo / "zoo.json").write_text(json.dumps(config))
+    tasks = ("passkey", "vt")
+    assert [t.filler for t in ev._tasks(ev.EvalConfig(model=str(zoo), tasks=tasks))] == [str(noise)] * 2
+    assert [t.filler for t in ev._tasks(ev.EvalConfig(model=str(zoo), tasks=tasks, filler="wiki"))] == ["wiki"] * 2
+    assert [t.filler for t in ev._tasks(ev.EvalConfig(model="tiny-llama", tasks=tasks))] == ["wiki"] * 2
+    sample = ev._tasks(ev.EvalConfig(model="tiny-llama", tasks=("passkey",), filler=str(noise)))[0].sample(
+        PromptCodec(None, vocab_size=258), 768, 0)
+    assert "grass is green" in bytes(sample.input_ids).decode()

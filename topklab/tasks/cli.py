@@ -87,6 +87,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the fidelity columns (recall, mass_recall, output_error)")
     parser.add_argument("--fidelity-detail", action="store_true",
                         help="also write per step/layer/head fidelity rows to OUT/fidelity/")
+    parser.add_argument("--filler", default=None,
+                        help="haystack text: 'wiki', a .txt file or folder (default: a zoo model's training text, "
+                             "else wiki)")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -95,7 +98,7 @@ def run_eval(args: argparse.Namespace) -> int:
         indexers=tuple(args.indexers), ks=tuple(args.ks), per=args.per, sinks=args.sinks, window=args.window,
         max_new_tokens=args.max_new_tokens, seed=args.seed, out=args.out, device=args.device,
         device_map=args.device_map, dtype=args.dtype, chat=args.chat, record=args.record,
-        fidelity_detail=args.fidelity_detail,
+        fidelity_detail=args.fidelity_detail, filler=args.filler,
     )
     start = time.perf_counter()
     results = run_evaluation(config)

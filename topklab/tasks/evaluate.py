@@ -130,6 +130,7 @@ class EvalConfig:
     chat: bool | None = None  # None: use the tokenizer's chat template when it has one
     record: bool = True  # fidelity columns (recall, mass_recall, output_error)
     fidelity_detail: bool = False  # also write per step/layer/head rows to fidelity/
+    filler: str | None = None  # haystack text: 'wiki', a .txt file or folder; None = a zoo model's own, else wiki
 
     def decode_configs(self) -> list[DecodeConfig]:
         return configurations(self.indexers, self.ks, self.per, self.sinks, self.window, self.record)
@@ -170,7 +171,7 @@ def run_evaluation(config: EvalConfig, model=None, tokenizer=None, shard: Shard 
     ``config.model``, which then only names it in the results. ``tokenizer=None`` means byte-level tokens.
     """
     shard = shard or Shard.from_env()
-    tasks = [make(spec) for spec in config.tasks]
+    tasks = _tasks(config)
     configs = config.decode_configs()
     for length in config.lengths:
         if isinstance(length, bool) or not isinstance(length, int) or length <= 0:
@@ -338,6 +339,17 @@ def load_eval_model(name: str, device: str, dtype: torch.dtype, device_map: str 
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
+def _tasks(config: EvalConfig) -> list[Task]:
+    """The tasks, their haystacks in ``config.filler`` (a zoo checkpoint's training text by default: a model trained
+    on one text is scored on the same kind of prompt)."""
+    from topklab.training.topk_sft import default_filler  # training imports the tasks: import it when needed
+
+    filler = default_filler(config.model, config.filler)
+    tasks = [make(spec) for spec in config.tasks]
+    return [make(spec, filler=filler) if filler is not None and hasattr(task, "filler") else task
+            for spec, task in zip(config.tasks, tasks)]
+
+
 def _sample_key(config: EvalConfig, item: WorkItem, dtype: torch.dtype) -> str:
     """Everything a sample's prompt and dense prefill depend on."""
     return _digest([config.model, item.task.key(), item.length, item.index, config.seed, config.max_new_tokens,
