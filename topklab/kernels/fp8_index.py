@@ -144,6 +144,8 @@ if HAS_TRITON:
                         other=0.0)
             q_scale = tl.load(qs_ptr + row * H + hh, mask=h_ok, other=0.0)
             w = tl.load(w_ptr + row * H + hh, mask=h_ok, other=0.0)
-            dots = tl.dot(q, tl.trans(keys))  # [BLOCK_H, BLOCK_N] fp32, FP8 tensor cores
-            head_scores = tl.maximum(dots * q_scale[:, None] * k_scale[None, :], 0.0) * w[:, None]
-            tl.store(out_ptr + row * N + n, tl.sum(head_scores, axis=0), mask=n_ok & ((n * 0 + m) < M))
+            # keys as the rows of the product: the sum over heads runs along each thread's own columns (plus a
+            # few lane shuffles) instead of across warps through shared memory
+            dots = tl.dot(keys, tl.trans(q))  # [BLOCK_N, BLOCK_H] fp32, FP8 tensor cores
+            head_scores = tl.maximum(dots * k_scale[:, None] * q_scale[None, :], 0.0) * w[None, :]
+            tl.store(out_ptr + row * N + n, tl.sum(head_scores, axis=1), mask=n_ok & ((n * 0 + m) < M))

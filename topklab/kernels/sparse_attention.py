@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from topklab.kernels._triton import HAS_TRITON, interpreting, next_pow2, tl, triton, use_triton
-from topklab.kernels.topk import _sm_count, topk, topk_reference
+from topklab.kernels.topk import _scratch, _sm_count, topk, topk_reference
 
 
 def sparse_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
@@ -106,9 +106,9 @@ def _attend(q, keys, values, indices, scale: float, selected_scores: torch.Tenso
     per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
     splits = triton.cdiv(k, per_split)
     block_m = max(16, next_pow2(group))
-    part_max = torch.empty(sel_rows, splits, block_m, dtype=torch.float32, device=q.device)
-    part_sum = torch.empty_like(part_max)
-    part_acc = torch.empty(sel_rows, splits, block_m, d, dtype=torch.float32, device=q.device)
+    part_max = _scratch(q.device, "part_max", (sel_rows, splits, block_m), torch.float32)
+    part_sum = _scratch(q.device, "part_sum", (sel_rows, splits, block_m), torch.float32)
+    part_acc = _scratch(q.device, "part_acc", (sel_rows, splits, block_m, d), torch.float32)
     has_scores = selected_scores is not None
     dot_fp32 = interpreting() or q.dtype == torch.float32 or keys.dtype != q.dtype
     _sparse_attention_kernel[(sel_rows, splits)](

@@ -13,13 +13,15 @@ Three launches instead of q.K^T + torch.topk (which reads the scores many times 
    counter) finds the exact k-th largest candidate by narrowing radix histograms (7 bits a pass; ties go to the
    lower index), writes the k winners and zeroes the row's workspace again for the next call.
 
-The workspace (histograms and counters, a few hundred bytes a row) is kept per device and stream and is all zeros
-between calls, so no memset is launched. Scores and indices come back unordered unless ``sorted=True`` (a torch
+Scratch buffers (scores, block maxima, candidates, and the workspace of histograms and counters) are kept per device
+and stream and reused; the workspace is all zeros between calls, so no memset is launched. Scores and indices come back unordered unless ``sorted=True`` (a torch
 sort of the k winners). Scores are compared through an integer key whose signed order is the float order, so
 every step is exact.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -147,12 +149,12 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, row_lengths: torch.Tenso
     lengths_arg = row_lengths if has_lengths else q3  # unused pointer when there are no lengths
     dot_fp32 = k3.dtype == torch.float32 or q3.dtype == torch.float32 or interpreting() or q3.dtype != k3.dtype
 
-    scores = torch.empty(rows, row_stride, dtype=torch.float32, device=device)
-    block_max = torch.empty(rows, bmax_stride, dtype=torch.float32, device=device)
-    candidates = torch.empty(rows, row_stride, dtype=torch.int64, device=device)
+    scores = _scratch(device, "scores", (rows, row_stride), torch.float32)
+    block_max = _scratch(device, "block_max", (rows, bmax_stride), torch.float32)
+    candidates = _scratch(device, "candidates", (rows, row_stride), torch.int64)
+    workspace = _scratch(device, "workspace", (rows, WORKSPACE_WIDTH), torch.int32, zeroed=True)
     out_scores = torch.empty(rows, k, dtype=torch.float32, device=device)
     out_indices = torch.empty(rows, k, dtype=torch.int64, device=device)
-    workspace = _workspace(device, rows)
     block_t, block_c = 2048, 4096
     collect_parts = triton.cdiv(n, block_c)
     try:
@@ -173,31 +175,38 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, row_lengths: torch.Tenso
             BS=block_size, NB=HIST_BINS, BLOCK_C=block_c, BLOCK_F=2048, HAS_LENGTHS=has_lengths, num_warps=COLLECT_WARPS,
         )
     except BaseException:
-        _WORKSPACES.pop(_workspace_key(device), None)  # a launch that failed half-way can leave it dirty
+        _SCRATCH.pop(_scratch_key(device, "workspace"), None)  # a launch that failed half-way can leave it dirty
         raise
     return out_scores, out_indices
 
 
-_WORKSPACES: dict[tuple, torch.Tensor] = {}
+_SCRATCH: dict[tuple, torch.Tensor] = {}
 
 
-def _workspace_key(device: torch.device) -> tuple:
+def _scratch_key(device: torch.device, name: str) -> tuple:
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    return device, stream
+    return device, stream, name
 
 
-def _workspace(device: torch.device, rows: int) -> torch.Tensor:
-    """Zeroed int32 ``[rows, WORKSPACE_WIDTH]``: one buffer per device and stream, reused by every call.
+def _scratch(device: torch.device, name: str, shape: tuple[int, ...], dtype: torch.dtype,
+             zeroed: bool = False) -> torch.Tensor:
+    """A buffer of ``shape`` reused by every call on this device and stream (calls on one stream run in order, so
+    they never use it at the same time): a decode loop allocates nothing per step and keeps the caching allocator
+    from splitting the KV cache's large blocks. It grows with headroom as the context grows. ``zeroed`` buffers
+    start all zeros and the kernels leave them so (see `_collect_kernel`)."""
+    key = _scratch_key(device, name)
+    numel = math.prod(shape)
+    buffer = _SCRATCH.get(key)
+    if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
+        size = max(numel, 1) if zeroed else numel + numel // 8 + 4096
+        buffer = (torch.zeros if zeroed else torch.empty)(size, dtype=dtype, device=device)
+        _SCRATCH[key] = buffer
+    return buffer[:numel].view(shape)
 
-    The kernels leave it all zeros again (the last collect program of each row clears its row), so a call needs
-    no memset; calls on one stream run in order, so they never share it at the same time.
-    """
-    key = _workspace_key(device)
-    workspace = _WORKSPACES.get(key)
-    if workspace is None or workspace.shape[0] < rows:
-        workspace = torch.zeros(max(rows, 64), WORKSPACE_WIDTH, dtype=torch.int32, device=device)
-        _WORKSPACES[key] = workspace
-    return workspace[:rows]
+
+def clear_scratch() -> None:
+    """Free the reused buffers of every device and stream (they hold ~12 bytes per key and query row)."""
+    _SCRATCH.clear()
 
 
 def _round16(x: int) -> int:
