@@ -177,8 +177,9 @@ def test_topk_ties_break_to_lower_index_exactly(kernels, rng, dtype, n, k):
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
 
 
-def test_topk_all_scores_equal_takes_the_first_k(kernels, rng):
-    keys = _randn(rng, 1, 1, 1, 32).expand(1, 1, 300, 32).contiguous()
+@pytest.mark.parametrize("n", [300, 9000])  # 9000: every key is a candidate, more than one register chunk
+def test_topk_all_scores_equal_takes_the_first_k(kernels, rng, n):
+    keys = _randn(rng, 1, 1, 1, 32).expand(1, 1, n, 32).contiguous()
     q = _randn(rng, 1, 2, 32)
     scores, indices = kernels.topk.topk(q, keys, 40)
     assert torch.equal(indices, torch.arange(40).expand(1, 2, 40))

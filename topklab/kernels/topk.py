@@ -29,7 +29,8 @@ from topklab.checks import check_k
 from topklab.kernels._triton import HAS_TRITON, interpreting, next_pow2, tl, triton, use_triton
 
 HIST_BINS = 128  # 7 radix bits a level: the block-maxima levels use bits 31..25 and 24..18
-WORKSPACE_WIDTH = 2 * HIST_BINS + 2  # per row: level-0 and level-1 histograms, candidate count, arrived programs
+# per row: level-0 and level-1 histograms, candidate count, arrived programs, largest and smallest candidate
+WORKSPACE_WIDTH = 2 * HIST_BINS + 4
 MAX_GROUP_BLOCK = 64  # query rows scored together against one key tile
 COLLECT_WARPS = 8  # warps of a collect program (the last one of a row also finalizes it)
 
@@ -172,7 +173,7 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, row_lengths: torch.Tenso
         _collect_kernel[(rows, collect_parts)](
             scores, block_max, lengths_arg, workspace, candidates, out_scores, out_indices, n, row_stride,
             bmax_stride, k, rows_per_kv, collect_parts,
-            BS=block_size, NB=HIST_BINS, BLOCK_C=block_c, BLOCK_F=2048, HAS_LENGTHS=has_lengths, num_warps=COLLECT_WARPS,
+            BS=block_size, NB=HIST_BINS, BLOCK_C=block_c, BLOCK_F=4096, HAS_LENGTHS=has_lengths, num_warps=COLLECT_WARPS,
         )
     except BaseException:
         _SCRATCH.pop(_scratch_key(device, "workspace"), None)  # a launch that failed half-way can leave it dirty
@@ -256,8 +257,8 @@ if HAS_TRITON:
     def _row_threshold(ws_ptr, row, need, valid_blocks, NB: tl.constexpr):
         """Key v with >= need block maxima >= v, from the two 7-bit radix histograms of the row."""
         bins = tl.arange(0, NB)
-        hist0 = tl.load(ws_ptr + row * (2 * NB + 2) + bins)
-        hist1 = tl.load(ws_ptr + row * (2 * NB + 2) + NB + bins)
+        hist0 = tl.load(ws_ptr + row * (2 * NB + 4) + bins)
+        hist1 = tl.load(ws_ptr + row * (2 * NB + 4) + NB + bins)
         b0, need1, _ = _pick_bin(hist0, need, NB)
         b1, _, _ = _pick_bin(hist1, need1, NB)
         threshold = ((b0 << 25) | (b1 << 18)) - 2147483648
@@ -301,7 +302,7 @@ if HAS_TRITON:
                 tl.store(s_ptr + lead.to(tl.int64) * row_stride + n, summed, mask=n < N)
                 bmax = tl.max(tl.reshape(summed, (BLOCK_N // BS, BS)), axis=1)
                 tl.store(bmax_ptr + lead.to(tl.int64) * bmax_stride + blk, bmax, mask=blk < n_blocks)
-                tl.atomic_add(ws_ptr + lead * (2 * NB + 2) + (_ordered_key(bmax) >> 25) + NB // 2, 1,
+                tl.atomic_add(ws_ptr + lead * (2 * NB + 4) + (_ordered_key(bmax) >> 25) + NB // 2, 1,
                               mask=blk < valid_blocks, sem="relaxed")
             else:
                 s = tl.where(valid[None, :], s, float("-inf"))
@@ -310,7 +311,7 @@ if HAS_TRITON:
                 bmax = tl.max(tl.reshape(s, (BLOCK_M, BLOCK_N // BS, BS)), axis=2)
                 tl.store(bmax_ptr + rows[:, None] * bmax_stride + blk[None, :], bmax,
                          mask=m_ok[:, None] & (blk[None, :] < n_blocks))
-                tl.atomic_add(ws_ptr + rows[:, None] * (2 * NB + 2) + (_ordered_key(bmax) >> 25) + NB // 2, 1,
+                tl.atomic_add(ws_ptr + rows[:, None] * (2 * NB + 4) + (_ordered_key(bmax) >> 25) + NB // 2, 1,
                               mask=m_ok[:, None] & (blk[None, :] < valid_blocks), sem="relaxed")
 
     @triton.jit(do_not_specialize=["N", "n_blocks"])
@@ -326,11 +327,11 @@ if HAS_TRITON:
         i = part * BLOCK_T + tl.arange(0, BLOCK_T)
         key = _ordered_key(tl.load(bmax_ptr + row.to(tl.int64) * bmax_stride + i, mask=i < valid_blocks,
                                    other=0.0))
-        b0, _, _ = _pick_bin(tl.load(ws_ptr + row * (2 * NB + 2) + tl.arange(0, NB)), need, NB)
+        b0, _, _ = _pick_bin(tl.load(ws_ptr + row * (2 * NB + 4) + tl.arange(0, NB)), need, NB)
         ok = (i < valid_blocks) & ((key >> 25) + NB // 2 == b0) & (valid_blocks >= need)
         bins = (key >> 18) & (NB - 1)
         hist = tl.histogram(tl.where(ok, bins, 0), NB, mask=ok)
-        target = ws_ptr + row * (2 * NB + 2) + NB + tl.arange(0, NB)
+        target = ws_ptr + row * (2 * NB + 4) + NB + tl.arange(0, NB)
         tl.atomic_add(target, hist, mask=hist > 0, sem="relaxed")
 
     @triton.jit(do_not_specialize=["N", "parts"])
@@ -354,32 +355,56 @@ if HAS_TRITON:
         take = (ok & (key >= threshold)).to(tl.int32)
         per_block = tl.sum(take, axis=1)
         count = tl.sum(per_block, axis=0)
-        ws_row = ws_ptr + row * (2 * NB + 2)
+        ws_row = ws_ptr + row * (2 * NB + 4)
         first = tl.atomic_add(ws_row + 2 * NB, count, mask=count > 0)
+        # the row's largest and smallest candidate (the finalize's first range), as unsigned maxima so that the
+        # zeroed workspace is their neutral value
+        largest = tl.max(tl.max(tl.where(take > 0, key, -2147483648), axis=1), axis=0)
+        smallest = tl.min(tl.min(tl.where(take > 0, key, 2147483647), axis=1), axis=0)
+        bounds = (ws_row + 2 * NB + 2).to(tl.pointer_type(tl.uint32), bitcast=True)
+        tl.atomic_max(bounds, (largest ^ -2147483648).to(tl.uint32, bitcast=True), mask=count > 0, sem="relaxed")
+        tl.atomic_max(bounds + 1, ((~smallest) ^ -2147483648).to(tl.uint32, bitcast=True), mask=count > 0,
+                      sem="relaxed")
         slot = first + (tl.cumsum(per_block, axis=0) - per_block)[:, None] + tl.cumsum(take, axis=1) - 1
         tl.store(cand_ptr + base + slot, (key.to(tl.int64) << 32) | n, mask=take > 0)
         tl.debug_barrier()  # every thread's candidates are written before the arrival is released
         arrived = tl.atomic_add(ws_row + 2 * NB + 1, 1, sem="acq_rel")
         if arrived == parts - 1:
             total = tl.atomic_add(ws_row + 2 * NB, 0, sem="acq_rel")
-            _finalize_row(cand_ptr + base, total, tl.minimum(k, length), k, N, out_s_ptr + row.to(tl.int64) * k,
-                          out_i_ptr + row.to(tl.int64) * k, NB, BLOCK_F)
+            hi = (tl.atomic_add(ws_row + 2 * NB + 2, 0, sem="acq_rel") ^ -2147483648).to(tl.int64)
+            lo = (~(tl.atomic_add(ws_row + 2 * NB + 3, 0, sem="acq_rel") ^ -2147483648)).to(tl.int64)
+            _finalize_row(cand_ptr + base, total, lo, hi, tl.minimum(k, length), k, N,
+                          out_s_ptr + row.to(tl.int64) * k, out_i_ptr + row.to(tl.int64) * k, NB, BLOCK_F)
             clear = tl.arange(0, 2 * NB)
             tl.store(ws_row + clear, tl.zeros_like(clear))
-            tl.store(ws_row + 2 * NB + tl.arange(0, 2), tl.zeros((2,), tl.int32))
+            tl.store(ws_row + 2 * NB + tl.arange(0, 4), tl.zeros((4,), tl.int32))
 
     @triton.jit
-    def _finalize_row(cand_ptr, count, k_eff, k, N, out_s_ptr, out_i_ptr, NB: tl.constexpr, BLOCK_F: tl.constexpr):
-        """Exact Top-k of a row's candidates: narrow [lo, hi] by radix histograms until the cut is known, then
-        write the winners (and -inf / -1 past k_eff)."""
+    def _candidate_histogram(packed, ok, phase, tie_key, lo, hi, shift, NB: tl.constexpr):
+        """Histogram of one chunk of candidates over [lo, hi] in NB bins of 2**shift (phase 1: ties by -index)."""
+        key = packed >> 32
+        sort_key = tl.where(phase == 0, key, -(packed & 0xFFFFFFFF))
+        ok = ok & ((phase == 0) | (key == tie_key)) & (sort_key >= lo) & (sort_key <= hi)
+        return tl.histogram(tl.where(ok, (sort_key - lo) >> shift, 0).to(tl.int32), NB, mask=ok)
+
+    @triton.jit
+    def _write_winners(packed, ok, cut_key, cut_index, written, out_s_ptr, out_i_ptr):
+        key = packed >> 32
+        index = packed & 0xFFFFFFFF
+        win = ok & ((key > cut_key) | ((key == cut_key) & (index <= cut_index)))
+        slot = written + tl.cumsum(win.to(tl.int32), axis=0) - 1
+        tl.store(out_s_ptr + slot, _key_to_float(key.to(tl.int32)), mask=win)
+        tl.store(out_i_ptr + slot, index, mask=win)
+        return written + tl.sum(win.to(tl.int32), axis=0)
+
+    @triton.jit
+    def _finalize_row(cand_ptr, count, lo, hi, k_eff, k, N, out_s_ptr, out_i_ptr, NB: tl.constexpr,
+                      BLOCK_F: tl.constexpr):
+        """Exact Top-k of a row's ``count`` candidates, whose keys lie in [lo, hi]: narrow the range by radix
+        histograms until the cut is known, then write the winners (and -inf / -1 past k_eff). The first
+        BLOCK_F candidates (usually all of them) stay in registers for every pass."""
         offs = tl.arange(0, BLOCK_F)
-        lo = tl.full((), 2147483647, tl.int64)
-        hi = tl.full((), -2147483648, tl.int64)
-        for i0 in range(0, count, BLOCK_F):
-            ok = i0 + offs < count
-            key = tl.load(cand_ptr + i0 + offs, mask=ok, other=0, cache_modifier=".cg") >> 32
-            lo = tl.minimum(lo, tl.min(tl.where(ok, key, 2147483647), axis=0))
-            hi = tl.maximum(hi, tl.max(tl.where(ok, key, -2147483648), axis=0))
+        resident = tl.load(cand_ptr + offs, mask=offs < count, other=0, cache_modifier=".cg")
         need = k_eff.to(tl.int64)
         # phase 0 narrows on the score key; phase 1 breaks a tie at key == tie_key by lowest index (key2 = -index)
         phase = tl.full((), 0, tl.int32)
@@ -392,13 +417,10 @@ if HAS_TRITON:
             shift = tl.full((), 0, tl.int64)
             while ((hi - lo) >> shift) >= NB:
                 shift += 1
-            hist = tl.zeros((NB,), dtype=tl.int32)
-            for i0 in range(0, count, BLOCK_F):
+            hist = _candidate_histogram(resident, offs < count, phase, tie_key, lo, hi, shift, NB)
+            for i0 in range(BLOCK_F, count, BLOCK_F):
                 packed = tl.load(cand_ptr + i0 + offs, mask=i0 + offs < count, other=0, cache_modifier=".cg")
-                key = packed >> 32
-                sort_key = tl.where(phase == 0, key, -(packed & 0xFFFFFFFF))
-                ok = (i0 + offs < count) & ((phase == 0) | (key == tie_key)) & (sort_key >= lo) & (sort_key <= hi)
-                hist += tl.histogram(tl.where(ok, (sort_key - lo) >> shift, 0).to(tl.int32), NB, mask=ok)
+                hist += _candidate_histogram(packed, i0 + offs < count, phase, tie_key, lo, hi, shift, NB)
             b, need, in_bin = _pick_bin(hist, need, NB)
             new_lo = lo + (b << shift)
             new_hi = tl.minimum(hi, new_lo + (tl.full((), 1, tl.int64) << shift) - 1)
@@ -411,16 +433,12 @@ if HAS_TRITON:
             hi = tl.where(tie, 0, new_hi)
             phase = tl.where(tie, 1, phase)
             steps += 1
-        written = tl.full((), 0, tl.int32)
-        for i0 in range(0, tl.where(k_eff > 0, count, 0), BLOCK_F):
+        to_write = tl.where(k_eff > 0, count, 0)
+        written = _write_winners(resident, offs < to_write, cut_key, cut_index, tl.full((), 0, tl.int32), out_s_ptr,
+                                 out_i_ptr)
+        for i0 in range(BLOCK_F, to_write, BLOCK_F):
             packed = tl.load(cand_ptr + i0 + offs, mask=i0 + offs < count, other=0, cache_modifier=".cg")
-            key = packed >> 32
-            index = packed & 0xFFFFFFFF
-            win = (i0 + offs < count) & ((key > cut_key) | ((key == cut_key) & (index <= cut_index)))
-            slot = written + tl.cumsum(win.to(tl.int32), axis=0) - 1
-            tl.store(out_s_ptr + slot, _key_to_float(key.to(tl.int32)), mask=win)
-            tl.store(out_i_ptr + slot, index, mask=win)
-            written += tl.sum(win.to(tl.int32), axis=0)
+            written = _write_winners(packed, i0 + offs < count, cut_key, cut_index, written, out_s_ptr, out_i_ptr)
         for j0 in range(k_eff, k, BLOCK_F):
             pad = j0 + offs < k
             tl.store(out_s_ptr + j0 + offs, float("-inf"), mask=pad)
