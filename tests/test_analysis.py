@@ -362,7 +362,7 @@ def test_markdown_table():
         "| a\\|b | 1 | 0.123 | 3 |", "|  |  | 2.000 |  |"]
 
 
-def test_task_entropy_on_task_prompts():
+def test_task_entropy_on_task_prompts(tmp_path):
     from topklab.models import tiny_model
 
     model = tiny_model("llama")
@@ -372,6 +372,11 @@ def test_task_entropy_on_task_prompts():
     # 2 prompts x 2 layers x 4 heads x 2 decode positions (the first answer token comes from the prefill)
     assert len(rows) == 2 * 2 * 4 * 2 and rows["norm_entropy"].between(0, 1 + 1e-6).all()
     assert (rows.groupby("sample")["context"].min() > 400).all()
+    noise = tmp_path / "noise.txt"
+    noise.write_text("The grass is green and the sky is blue; here we go, there and back again.\n" * 200)
+    on_noise = entropy.task_entropy(model, None, tasks=("passkey",), lengths=(700,), samples=2, decode_steps=3,
+                                    ks=(4,), filler=str(noise))
+    assert len(on_noise) == len(rows) and not on_noise["entropy"].equals(rows["entropy"])  # other prompts
     with pytest.raises(ValueError, match="decode_steps"):
         entropy.task_entropy(model, None, decode_steps=1)
 

@@ -9,8 +9,11 @@ with the dense-SFT control (paired bootstrap over prompts) and relates a head's 
 Re-running reuses the fine-tuned checkpoints and the entropy rows in results/.
 
     .venv/bin/python experiments/entropy/run.py [config.json]
+    .venv/bin/python experiments/entropy/run.py experiments/entropy/config_zoo.json   # arms trained on the GPU
 
-Writes results/ (checkpoints and rows, ignored by git) and report.md + figures/ here.
+Writes the config's ``out`` folder (checkpoints and rows, ignored by git; default results/) and its ``report``
+(default report.md, figures/ beside it). ``arms`` (optional) names already fine-tuned checkpoints instead of
+fine-tuning here, e.g. the dense and Top-k fine-tunes of a zoo model that experiments/zoo/run.sh made.
 """
 
 import json
@@ -24,25 +27,27 @@ import torch
 from topklab.analysis.entropy import ENTROPY_FILE, task_entropy
 from topklab.analysis.report import write_report
 from topklab.io import read_table, write_table
-from topklab.training.topk_sft import TaskData, TopkSpec, TrainConfig, finetune, load_trainable
+from topklab.training.topk_sft import TaskData, TopkSpec, TrainConfig, default_filler, finetune, load_trainable
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 log = logging.getLogger("experiments.entropy")
 
 
 def model_for(config: dict, arm: str | None):
-    """(model, tokenizer) of one arm: the base (None), or its "dense" / "topk" fine-tune, trained unless saved."""
+    """(model, tokenizer) of one arm: the base (None), or its "dense" / "topk" fine-tune: the checkpoint the config's
+    ``arms`` names, else one fine-tuned here (once; later runs load it)."""
     base, device = config["model"], config["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     if arm is None:
         return load_trainable(base, device)
-    checkpoint = RESULTS / f"{base}-{arm}-sft"
+    if arm in config.get("arms", {}):
+        return load_trainable(config["arms"][arm], device)
+    checkpoint = results_dir(config) / f"{Path(base).name}-{arm}-sft"
     if (checkpoint / "training.json").is_file():
         return load_trainable(str(checkpoint), device)
     ft = config["finetune"]
     torch.manual_seed(ft["seed"])
     model, tokenizer = load_trainable(base, device)
-    data = TaskData(tasks=tuple(ft["tasks"]), lengths=tuple(ft["lengths"]))
+    data = TaskData(tasks=tuple(ft["tasks"]), lengths=tuple(ft["lengths"]), filler=default_filler(base, None))
     train = TrainConfig(steps=ft["steps"], batch_size=ft["batch_size"], lr=ft["lr"], warmup=ft["warmup"],
                         seed=ft["seed"], topk=TopkSpec(ft["topk_k"]) if arm == "topk" else None)
     frame = finetune(model, tokenizer, data, train, checkpoint)
@@ -51,27 +56,38 @@ def model_for(config: dict, arm: str | None):
     return model, tokenizer
 
 
+def results_dir(config: dict) -> Path:
+    return HERE / config.get("out", "results")
+
+
 def entropy_rows(config: dict, arm: str | None) -> pd.DataFrame:
     """Entropy rows of one arm on the evaluation prompts (computed once, then read back)."""
-    name = config["model"] + (f"-{arm}-sft" if arm else "")
-    path = RESULTS / "rows" / f"{name}.parquet"
+    name = arm_name(config, arm)
+    path = results_dir(config) / "rows" / f"{name}.parquet"
     if path.is_file():
         return read_table(path)
     model, tokenizer = model_for(config, arm)
     model.eval()
     e = config["entropy"]
     rows = task_entropy(model, tokenizer, tasks=e["tasks"], lengths=e["lengths"], samples=e["samples"],
-                        decode_steps=e["decode_steps"], layers=e["layers"], ks=e["ks"], model_name=name)
+                        decode_steps=e["decode_steps"], layers=e["layers"], ks=e["ks"], model_name=name,
+                        filler=default_filler(config["model"], None))
     write_table(rows, path)
     return rows
+
+
+def arm_name(config: dict, arm: str | None) -> str:
+    """The model's name in the rows: the base's folder name, with -dense-sft / -topk-sft for the fine-tunes."""
+    return Path(config["model"]).name + (f"-{arm}-sft" if arm else "")
 
 
 def main(config_path: Path) -> None:
     config = json.loads(config_path.read_text())
     rows = pd.concat([entropy_rows(config, arm) for arm in (None, "dense", "topk")], ignore_index=True)
-    write_table(rows, RESULTS / "entropy" / ENTROPY_FILE)
-    report = write_report(RESULTS / "entropy", HERE / "report.md", n_resamples=config["report"]["resamples"],
-                          seed=config["report"]["seed"], baseline=f"{config['model']}-dense-sft")
+    write_table(rows, results_dir(config) / "entropy" / ENTROPY_FILE)
+    report = write_report(results_dir(config) / "entropy", HERE / config["report"].get("path", "report.md"),
+                          n_resamples=config["report"]["resamples"], seed=config["report"]["seed"],
+                          baseline=arm_name(config, "dense"))
     print(f"report: {report}")
 
 

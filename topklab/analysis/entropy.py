@@ -103,10 +103,11 @@ def trace_entropy(trace: TraceFile, ks: Sequence[int] = (16, 64, 256), layers: I
 
 def task_entropy(model, tokenizer, tasks: Sequence[str] = ("passkey",), lengths: Sequence[int] = (1024,),
                  samples: int = 2, decode_steps: int = 8, layers="all", ks: Sequence[int] = (16, 64, 256),
-                 seed: int = 0, model_name: str | None = None) -> pd.DataFrame:
+                 seed: int = 0, model_name: str | None = None, filler: str | None = None) -> pd.DataFrame:
     """Entropy rows at the decode positions of task prompts (`topklab.tasks`, the samples `topklab eval` scores):
     each prompt is prefilled, then decoded greedily for ``decode_steps`` tokens with dense attention while q, k are
-    captured; positions after the prompt are the decode positions. ``tokenizer=None``: byte tokens (tiny models)."""
+    captured; positions after the prompt are the decode positions. ``tokenizer=None``: byte tokens (tiny models).
+    ``filler``: the haystack text of the tasks that have one ('wiki', a .txt file or folder; None: each task's own)."""
     from topklab.decoding.capture import capture
     from topklab.tasks import PromptCodec, make
 
@@ -118,6 +119,8 @@ def task_entropy(model, tokenizer, tasks: Sequence[str] = ("passkey",), lengths:
     frames = []
     for spec in tasks:
         task = make(spec)
+        if filler is not None and hasattr(task, "filler"):
+            task = make(spec, filler=filler)
         for length in lengths:
             for index in range(samples):
                 sample = task.sample(codec, length=length, index=index, seed=seed)
