@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import triton
 
 from topklab.kernels import fp8_index_scores, hadamard_rotate, quantize_fp8, topk, topk_attention
+from topklab.kernels.topk import clear_scratch
 
 HQ, HKV, D = 32, 8, 128
 L2_BYTES = 50 * 2**20
@@ -115,6 +116,7 @@ def bench_topk(bw: float, batches, lengths_n, rows: list[str]) -> None:
                             f"{plain / ours:.2f} |")
                 print(rows[-1], flush=True)
             del sets
+            clear_scratch()
             torch.cuda.empty_cache()
 
 
@@ -133,6 +135,7 @@ def bench_attention(bw: float, batches, lengths_n, k: int, rows: list[str]) -> N
                         f"{per_q * 1e6:.1f} | {per_q / dense:.2f} | {per_kv * 1e6:.1f} | {per_kv / dense:.2f} |")
             print(rows[-1], flush=True)
             del sets
+            clear_scratch()
             torch.cuda.empty_cache()
 
 

@@ -190,7 +190,7 @@ def test_topk_leaves_its_workspace_zeroed_for_the_next_call(kernels, rng):
     q, keys = _randn(rng, 2, 6, 32), _randn(rng, 2, 3, 5000, 32)  # two collect programs per row
     lengths = torch.tensor([5000, 17])
     first = kernels.topk.topk(q, keys, 40, lengths=lengths)
-    workspace = kernels.topk._SCRATCH[kernels.topk._scratch_key(q.device, "workspace")]
+    workspace = kernels.topk._SCRATCH[kernels.topk._scratch_key(q.device)]["workspace"]
     assert workspace.numel() >= 12 * kernels.topk.WORKSPACE_WIDTH and not bool(workspace.any())
     again = kernels.topk.topk(q, keys, 40, lengths=lengths)
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])

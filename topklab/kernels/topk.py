@@ -21,6 +21,7 @@ every step is exact.
 
 from __future__ import annotations
 
+import collections
 import math
 
 import torch
@@ -32,7 +33,9 @@ HIST_BINS = 128  # 7 radix bits a level: the block-maxima levels use bits 31..25
 # per row: level-0 and level-1 histograms, candidate count, arrived programs, largest and smallest candidate
 WORKSPACE_WIDTH = 2 * HIST_BINS + 4
 MAX_GROUP_BLOCK = 64  # query rows scored together against one key tile
-COLLECT_WARPS = 8  # warps of a collect program (the last one of a row also finalizes it)
+# launch choices (benchmarks/profile_kernels.py compares them on the GPU)
+TUNING = dict(hist0_in_score=True, fused_finalize=True, skip_blocks=True, collect_warps=8, finalize_warps=8,
+              finalize_block=4096)
 
 
 def topk(q: torch.Tensor, keys: torch.Tensor, k: int, *, lengths: torch.Tensor | None = None,
@@ -158,35 +161,46 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, row_lengths: torch.Tenso
     out_indices = torch.empty(rows, k, dtype=torch.int64, device=device)
     block_t, block_c = 2048, 4096
     collect_parts = triton.cdiv(n, block_c)
+    tuning = TUNING
     try:
         _score_kernel[(n_lead * m_blocks, triton.cdiv(n, per_split))](
             q3, k3, lengths_arg, scores, block_max, workspace, n, m, k3.stride(0), k3.stride(1), per_split,
             n_blocks, row_stride, bmax_stride,
             D=d, BLOCK_D=max(16, next_pow2(d)), BLOCK_M=block_m, BLOCK_N=block_n, BS=block_size, NB=HIST_BINS,
-            REDUCE_GROUP=per_kv_head, DOT_FP32=dot_fp32, HAS_LENGTHS=has_lengths,
+            REDUCE_GROUP=per_kv_head, DOT_FP32=dot_fp32, HAS_LENGTHS=has_lengths, HIST0=tuning["hist0_in_score"],
             num_warps=8 if block_n == 128 else 4, num_stages=3,
         )
-        _block_histogram_kernel[(rows, triton.cdiv(n_blocks, block_t))](
-            block_max, lengths_arg, workspace, n, n_blocks, bmax_stride, k, rows_per_kv,
-            BS=block_size, NB=HIST_BINS, BLOCK_T=block_t, HAS_LENGTHS=has_lengths, num_warps=8,
-        )
+        for level in (1,) if tuning["hist0_in_score"] else (0, 1):
+            _block_histogram_kernel[(rows, triton.cdiv(n_blocks, block_t))](
+                block_max, lengths_arg, workspace, n, n_blocks, bmax_stride, k, rows_per_kv,
+                LEVEL=level, BS=block_size, NB=HIST_BINS, BLOCK_T=block_t, HAS_LENGTHS=has_lengths, num_warps=8,
+            )
+        skip = tuning["skip_blocks"]
         _collect_kernel[(rows, collect_parts)](
-            scores, block_max, lengths_arg, workspace, candidates, out_scores, out_indices, n, row_stride,
-            bmax_stride, k, rows_per_kv, collect_parts,
-            BS=block_size, NB=HIST_BINS, BLOCK_C=block_c, BLOCK_F=4096, HAS_LENGTHS=has_lengths, num_warps=COLLECT_WARPS,
+            scores, block_max if skip else scores, lengths_arg, workspace, candidates, out_scores, out_indices, n,
+            row_stride, bmax_stride if skip else row_stride, k, rows_per_kv, collect_parts,
+            BS=block_size if skip else 1, NB=HIST_BINS, BLOCK_C=block_c, BLOCK_F=tuning["finalize_block"],
+            HAS_LENGTHS=has_lengths, FINALIZE=tuning["fused_finalize"], num_warps=tuning["collect_warps"],
         )
+        if not tuning["fused_finalize"]:
+            _finalize_kernel[(rows,)](
+                candidates, workspace, lengths_arg, out_scores, out_indices, n, row_stride, k, rows_per_kv,
+                NB=HIST_BINS, BLOCK_F=tuning["finalize_block"], HAS_LENGTHS=has_lengths,
+                num_warps=tuning["finalize_warps"],
+            )
     except BaseException:
-        _SCRATCH.pop(_scratch_key(device, "workspace"), None)  # a launch that failed half-way can leave it dirty
+        _SCRATCH.get(_scratch_key(device), {}).pop("workspace", None)  # a failed launch can leave it dirty
         raise
     return out_scores, out_indices
 
 
-_SCRATCH: dict[tuple, torch.Tensor] = {}
+_SCRATCH: collections.OrderedDict[tuple, dict[str, torch.Tensor]] = collections.OrderedDict()
+SCRATCH_STREAMS = 4  # buffers are kept for this many (device, stream) pairs, the least recently used dropped
 
 
-def _scratch_key(device: torch.device, name: str) -> tuple:
+def _scratch_key(device: torch.device) -> tuple:
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    return device, stream, name
+    return device, stream
 
 
 def _scratch(device: torch.device, name: str, shape: tuple[int, ...], dtype: torch.dtype,
@@ -195,18 +209,22 @@ def _scratch(device: torch.device, name: str, shape: tuple[int, ...], dtype: tor
     they never use it at the same time): a decode loop allocates nothing per step and keeps the caching allocator
     from splitting the KV cache's large blocks. It grows with headroom as the context grows. ``zeroed`` buffers
     start all zeros and the kernels leave them so (see `_collect_kernel`)."""
-    key = _scratch_key(device, name)
+    key = _scratch_key(device)
+    buffers = _SCRATCH.setdefault(key, {})
+    _SCRATCH.move_to_end(key)
+    while len(_SCRATCH) > SCRATCH_STREAMS:
+        _SCRATCH.popitem(last=False)  # freed on its own stream's order, as any tensor
     numel = math.prod(shape)
-    buffer = _SCRATCH.get(key)
+    buffer = buffers.get(name)
     if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
         size = max(numel, 1) if zeroed else numel + numel // 8 + 4096
         buffer = (torch.zeros if zeroed else torch.empty)(size, dtype=dtype, device=device)
-        _SCRATCH[key] = buffer
+        buffers[name] = buffer
     return buffer[:numel].view(shape)
 
 
 def clear_scratch() -> None:
-    """Free the reused buffers of every device and stream (they hold ~12 bytes per key and query row)."""
+    """Free the reused buffers of every device and stream (they hold ~16 bytes per key and query row)."""
     _SCRATCH.clear()
 
 
@@ -270,7 +288,7 @@ if HAS_TRITON:
                       n_blocks, row_stride, bmax_stride,
                       D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BS: tl.constexpr, NB: tl.constexpr, REDUCE_GROUP: tl.constexpr, DOT_FP32: tl.constexpr,
-                      HAS_LENGTHS: tl.constexpr):
+                      HAS_LENGTHS: tl.constexpr, HIST0: tl.constexpr):
         """Scores of BLOCK_M query rows of one KV row against a span of keys, per-block maxima, and the level-0
         radix histogram of the block maxima (bits 31..25, one atomic per valid block)."""
         pid, split = tl.program_id(0), tl.program_id(1)
@@ -302,8 +320,9 @@ if HAS_TRITON:
                 tl.store(s_ptr + lead.to(tl.int64) * row_stride + n, summed, mask=n < N)
                 bmax = tl.max(tl.reshape(summed, (BLOCK_N // BS, BS)), axis=1)
                 tl.store(bmax_ptr + lead.to(tl.int64) * bmax_stride + blk, bmax, mask=blk < n_blocks)
-                tl.atomic_add(ws_ptr + lead * (2 * NB + 4) + (_ordered_key(bmax) >> 25) + NB // 2, 1,
-                              mask=blk < valid_blocks, sem="relaxed")
+                if HIST0:
+                    tl.atomic_add(ws_ptr + lead * (2 * NB + 4) + (_ordered_key(bmax) >> 25) + NB // 2, 1,
+                                  mask=blk < valid_blocks, sem="relaxed")
             else:
                 s = tl.where(valid[None, :], s, float("-inf"))
                 rows = (lead * M + m).to(tl.int64)
@@ -311,12 +330,13 @@ if HAS_TRITON:
                 bmax = tl.max(tl.reshape(s, (BLOCK_M, BLOCK_N // BS, BS)), axis=2)
                 tl.store(bmax_ptr + rows[:, None] * bmax_stride + blk[None, :], bmax,
                          mask=m_ok[:, None] & (blk[None, :] < n_blocks))
-                tl.atomic_add(ws_ptr + rows[:, None] * (2 * NB + 4) + (_ordered_key(bmax) >> 25) + NB // 2, 1,
-                              mask=m_ok[:, None] & (blk[None, :] < valid_blocks), sem="relaxed")
+                if HIST0:
+                    tl.atomic_add(ws_ptr + rows[:, None] * (2 * NB + 4) + (_ordered_key(bmax) >> 25) + NB // 2, 1,
+                                  mask=m_ok[:, None] & (blk[None, :] < valid_blocks), sem="relaxed")
 
     @triton.jit(do_not_specialize=["N", "n_blocks"])
     def _block_histogram_kernel(bmax_ptr, len_ptr, ws_ptr, N, n_blocks, bmax_stride, k, rows_per_kv,
-                                BS: tl.constexpr, NB: tl.constexpr, BLOCK_T: tl.constexpr,
+                                LEVEL: tl.constexpr, BS: tl.constexpr, NB: tl.constexpr, BLOCK_T: tl.constexpr,
                                 HAS_LENGTHS: tl.constexpr):
         """Level-1 radix histogram of a span of block maxima: bits 24..18 of those inside the level-0 bin that
         holds the k-th largest, added into the row's histogram with atomics."""
@@ -327,17 +347,22 @@ if HAS_TRITON:
         i = part * BLOCK_T + tl.arange(0, BLOCK_T)
         key = _ordered_key(tl.load(bmax_ptr + row.to(tl.int64) * bmax_stride + i, mask=i < valid_blocks,
                                    other=0.0))
-        b0, _, _ = _pick_bin(tl.load(ws_ptr + row * (2 * NB + 4) + tl.arange(0, NB)), need, NB)
-        ok = (i < valid_blocks) & ((key >> 25) + NB // 2 == b0) & (valid_blocks >= need)
-        bins = (key >> 18) & (NB - 1)
+        if LEVEL == 0:
+            ok = (i < valid_blocks) & (valid_blocks >= need)
+            bins = (key >> 25) + NB // 2
+        else:
+            b0, _, _ = _pick_bin(tl.load(ws_ptr + row * (2 * NB + 4) + tl.arange(0, NB)), need, NB)
+            ok = (i < valid_blocks) & ((key >> 25) + NB // 2 == b0) & (valid_blocks >= need)
+            bins = (key >> 18) & (NB - 1)
         hist = tl.histogram(tl.where(ok, bins, 0), NB, mask=ok)
-        target = ws_ptr + row * (2 * NB + 4) + NB + tl.arange(0, NB)
+        target = ws_ptr + row * (2 * NB + 4) + LEVEL * NB + tl.arange(0, NB)
         tl.atomic_add(target, hist, mask=hist > 0, sem="relaxed")
 
     @triton.jit(do_not_specialize=["N", "parts"])
     def _collect_kernel(s_ptr, bmax_ptr, len_ptr, ws_ptr, cand_ptr, out_s_ptr, out_i_ptr, N, row_stride,
                         bmax_stride, k, rows_per_kv, parts, BS: tl.constexpr, NB: tl.constexpr,
-                        BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+                        BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                        FINALIZE: tl.constexpr):
         """Append (key << 32 | index) of every valid key scoring >= the row's threshold, reading only the blocks
         whose maximum reaches it (one atomic a program); the row's last program to arrive finalizes the row."""
         row, part = tl.program_id(0), tl.program_id(1)
@@ -367,17 +392,37 @@ if HAS_TRITON:
                       sem="relaxed")
         slot = first + (tl.cumsum(per_block, axis=0) - per_block)[:, None] + tl.cumsum(take, axis=1) - 1
         tl.store(cand_ptr + base + slot, (key.to(tl.int64) << 32) | n, mask=take > 0)
-        tl.debug_barrier()  # every thread's candidates are written before the arrival is released
-        arrived = tl.atomic_add(ws_row + 2 * NB + 1, 1, sem="acq_rel")
-        if arrived == parts - 1:
-            total = tl.atomic_add(ws_row + 2 * NB, 0, sem="acq_rel")
-            hi = (tl.atomic_add(ws_row + 2 * NB + 2, 0, sem="acq_rel") ^ -2147483648).to(tl.int64)
-            lo = (~(tl.atomic_add(ws_row + 2 * NB + 3, 0, sem="acq_rel") ^ -2147483648)).to(tl.int64)
-            _finalize_row(cand_ptr + base, total, lo, hi, tl.minimum(k, length), k, N,
-                          out_s_ptr + row.to(tl.int64) * k, out_i_ptr + row.to(tl.int64) * k, NB, BLOCK_F)
-            clear = tl.arange(0, 2 * NB)
-            tl.store(ws_row + clear, tl.zeros_like(clear))
-            tl.store(ws_row + 2 * NB + tl.arange(0, 4), tl.zeros((4,), tl.int32))
+        if FINALIZE:
+            tl.debug_barrier()  # every thread's candidates are written before the arrival is released
+            arrived = tl.atomic_add(ws_row + 2 * NB + 1, 1, sem="acq_rel")
+            if arrived == parts - 1:
+                total = tl.atomic_add(ws_row + 2 * NB, 0, sem="acq_rel")
+                hi = (tl.atomic_add(ws_row + 2 * NB + 2, 0, sem="acq_rel") ^ -2147483648).to(tl.int64)
+                lo = (~(tl.atomic_add(ws_row + 2 * NB + 3, 0, sem="acq_rel") ^ -2147483648)).to(tl.int64)
+                _finalize_row(cand_ptr + base, total, lo, hi, tl.minimum(k, length), k, N,
+                              out_s_ptr + row.to(tl.int64) * k, out_i_ptr + row.to(tl.int64) * k, NB, BLOCK_F)
+                _clear_row(ws_row, NB)
+
+    @triton.jit
+    def _clear_row(ws_row, NB: tl.constexpr):
+        """Zero a row's histograms and counters for the next call."""
+        clear = tl.arange(0, 2 * NB)
+        tl.store(ws_row + clear, tl.zeros_like(clear))
+        tl.store(ws_row + 2 * NB + tl.arange(0, 4), tl.zeros((4,), tl.int32))
+
+    @triton.jit(do_not_specialize=["N"])
+    def _finalize_kernel(cand_ptr, ws_ptr, len_ptr, out_s_ptr, out_i_ptr, N, row_stride, k, rows_per_kv,
+                         NB: tl.constexpr, BLOCK_F: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+        """One program per row: the row's exact Top-k from its candidates (after the collect launch)."""
+        row = tl.program_id(0)
+        ws_row = ws_ptr + row * (2 * NB + 4)
+        length = _row_length(len_ptr, row, rows_per_kv, N, HAS_LENGTHS)
+        hi = (tl.load(ws_row + 2 * NB + 2) ^ -2147483648).to(tl.int64)
+        lo = (~(tl.load(ws_row + 2 * NB + 3) ^ -2147483648)).to(tl.int64)
+        _finalize_row(cand_ptr + row.to(tl.int64) * row_stride, tl.load(ws_row + 2 * NB), lo, hi,
+                      tl.minimum(k, length), k, N, out_s_ptr + row.to(tl.int64) * k,
+                      out_i_ptr + row.to(tl.int64) * k, NB, BLOCK_F)
+        _clear_row(ws_row, NB)
 
     @triton.jit
     def _candidate_histogram(packed, ok, phase, tie_key, lo, hi, shift, NB: tl.constexpr):
