@@ -1,6 +1,6 @@
-"""Where the time of one Top-k decode step goes, for each launch choice in ``topklab.kernels.topk.TUNING``.
+"""Where the time of one Top-k decode step goes.
 
-Per case and choice: the GPU time of each kernel (torch.profiler, per call), the whole call replayed in a CUDA
+Per case: the GPU time of each kernel (torch.profiler, per call), the whole call replayed in a CUDA
 graph over enough input copies to exceed the L2 cache (as bench_kernels.py), and the host time per call: wall time
 to enqueue ``calls`` calls without waiting, of which the Triton launches (``JITFunction.run``, timed by a wrapper).
 
@@ -29,17 +29,6 @@ CASES = (  # (what, batch, N, k)
     ("topk", 1, 8192, 64), ("topk", 1, 8192, 2048), ("topk", 1, 131072, 2048), ("topk", 16, 131072, 2048),
     ("attn", 1, 131072, 2048), ("attn-kv", 1, 131072, 2048),
 )
-CHOICES = {  # name -> changes to TUNING
-    "default": {},
-    "hist0 launch": dict(hist0_in_score=False),
-    "finalize launch": dict(fused_finalize=False),
-    "finalize launch 4w": dict(fused_finalize=False, finalize_warps=4),
-    "collect 4w": dict(collect_warps=4),
-    "F2048": dict(finalize_block=2048),
-    "no skip": dict(skip_blocks=False),
-}
-
-
 def make_sets(what: str, batch: int, n: int, k: int):
     tensors = 2 if what == "topk" else 3
     count = n_sets(tensors * batch * HKV * n * D * 2)
@@ -112,31 +101,21 @@ def host_time(fn, args, calls: int = 30) -> tuple[float, float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out")
-    parser.add_argument("--choices", default=",".join(CHOICES), help="comma-separated names of CHOICES")
     args = parser.parse_args()
     torch.manual_seed(0)
-    default = dict(topk_module.TUNING)
-    lines = [f"Card: {torch.cuda.get_device_name()}; default TUNING {default}", "",
-             "| case | choice | batch | N | k | GPU us per kernel (profiler) | graph us/call | host us/call | "
-             "launches us | launches |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"Card: {torch.cuda.get_device_name()}", "",
+             "| case | batch | N | k | GPU us per kernel (profiler) | graph us/call | host us/call | launches us | "
+             "launches |", "|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for what, batch, n, k in CASES:
         sets, fn = make_sets(what, batch, n, k)
-        for name in args.choices.split(",") if what == "topk" else ["default"]:
-            topk_module.TUNING.update(default, **CHOICES[name])
-            try:
-                kernels = gpu_kernel_times(fn, sets[0])
-                graph = graph_time(fn, sets)
-                host, launches, count = host_time(fn, sets[0])
-            except Exception as err:  # keep the other choices' numbers
-                lines.append(f"| {what} | {name} | {batch} | {n // 1024}K | {k} | {type(err).__name__}: {err} |")
-                print(lines[-1], flush=True)
-                continue
-            per_kernel = ", ".join(f"{key} {us:.1f}" for key, us in sorted(kernels.items(), key=lambda x: -x[1]))
-            lines.append(f"| {what} | {name} | {batch} | {n // 1024}K | {k} | {per_kernel} | {graph * 1e6:.1f} | "
-                         f"{host:.1f} | {launches:.1f} | {count:.0f} |")
-            print(lines[-1], flush=True)
-        topk_module.TUNING.update(default)
+        kernels = gpu_kernel_times(fn, sets[0])
+        graph = graph_time(fn, sets)
+        host, launches, count = host_time(fn, sets[0])
+        per_kernel = ", ".join(f"{key} {us:.1f}" for key, us in sorted(kernels.items(), key=lambda x: -x[1]))
+        lines.append(f"| {what} | {batch} | {n // 1024}K | {k} | {per_kernel} | {graph * 1e6:.1f} | {host:.1f} | "
+                     f"{launches:.1f} | {count:.0f} |")
+        print(lines[-1], flush=True)
         del sets
         clear_scratch()
         torch.cuda.empty_cache()

@@ -1,22 +1,24 @@
 """Exact Top-k selection for one decode step, near the cost of reading K once.
 
-Three launches instead of q.K^T + torch.topk (which reads the scores many times with one block per row):
+A few small kernels instead of q.K^T + torch.topk (which reads the scores many times with one block per row):
 
 1. ``_score_kernel`` streams K once (many programs per KV head), scores the G query heads of the group on the
    tensor cores, writes the fp32 scores (4*G bytes per key against 2*d to read the key) and the maximum of every
-   block of ``bs`` keys, and adds each block maximum's top 7 bits (31..25) to the row's radix histogram (atomics).
-2. ``_block_histogram_kernel`` histograms bits 24..18 of the block maxima inside the level-0 bin that holds the
-   k-th largest. The two levels give a value ``v`` with at least k block maxima >= v. Since the blocks are
-   disjoint, at least k keys score >= v: no key of the Top-k is below v, and with >= 4k blocks only ~1.15k pass.
-3. ``_collect_kernel`` reads only the blocks whose maximum is >= v (about a quarter of the scores), appends their
-   keys scoring >= v to a candidate list (one atomic a program), and the row's last program to finish (an arrival
-   counter) finds the exact k-th largest candidate by narrowing radix histograms (7 bits a pass; ties go to the
-   lower index), writes the k winners and zeroes the row's workspace again for the next call.
+   block of ``bs`` keys (with large blocks it also adds their top 7 bits to the level-0 histogram, saving a launch).
+2. ``_block_histogram_kernel`` (bits 31..25, then 24..18 inside the level-0 bin that holds the k-th largest)
+   histograms the block maxima of each row with atomics, which gives a value ``v`` with at least k block maxima
+   >= v. Since the blocks are disjoint, at least k keys score >= v: no key of the Top-k is below v, and with >= 4k
+   blocks only about 1.15k keys pass.
+3. ``_collect_kernel`` reads only the blocks whose maximum is >= v (about a quarter of the scores) and appends
+   their keys scoring >= v to a candidate list (one atomic per program), keeping the candidates' key range.
+4. ``_finalize_kernel`` (one program per row) finds the exact k-th largest candidate by narrowing radix histograms
+   over that range (7 bits a pass, the candidates held in registers; ties go to the lower index), writes the k
+   winners and zeroes the row's workspace for the next call.
 
 Scratch buffers (scores, block maxima, candidates, and the workspace of histograms and counters) are kept per device
-and stream and reused; the workspace is all zeros between calls, so no memset is launched. Scores and indices come back unordered unless ``sorted=True`` (a torch
-sort of the k winners). Scores are compared through an integer key whose signed order is the float order, so
-every step is exact.
+and stream and reused; the workspace is all zeros between calls, so no memset is launched. Scores and indices come
+back unordered unless ``sorted=True`` (a torch sort of the k winners). Scores are compared through an integer key
+whose signed order is the float order, so every step is exact.
 """
 
 from __future__ import annotations
@@ -30,12 +32,12 @@ from topklab.checks import check_k
 from topklab.kernels._triton import HAS_TRITON, interpreting, next_pow2, tl, triton, use_triton
 
 HIST_BINS = 128  # 7 radix bits a level: the block-maxima levels use bits 31..25 and 24..18
-# per row: level-0 and level-1 histograms, candidate count, arrived programs, largest and smallest candidate
-WORKSPACE_WIDTH = 2 * HIST_BINS + 4
+# per row: level-0 and level-1 histograms, candidate count, largest and smallest candidate
+WORKSPACE_WIDTH = 2 * HIST_BINS + 3
+# the score pass adds block maxima to the level-0 histogram itself (saving a launch) when blocks hold at least this
+# many keys: with smaller blocks its atomics cost more than the launch (H100: +6.7 us at N = 8K, blocks of 1)
+HIST0_IN_SCORE_MIN_BLOCK = 32
 MAX_GROUP_BLOCK = 64  # query rows scored together against one key tile
-# launch choices (benchmarks/profile_kernels.py compares them on the GPU)
-TUNING = dict(hist0_in_score=True, fused_finalize=True, skip_blocks=True, collect_warps=8, finalize_warps=8,
-              finalize_block=4096)
 
 
 def topk(q: torch.Tensor, keys: torch.Tensor, k: int, *, lengths: torch.Tensor | None = None,
@@ -160,34 +162,31 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, row_lengths: torch.Tenso
     out_scores = torch.empty(rows, k, dtype=torch.float32, device=device)
     out_indices = torch.empty(rows, k, dtype=torch.int64, device=device)
     block_t, block_c = 2048, 4096
-    collect_parts = triton.cdiv(n, block_c)
-    tuning = TUNING
+    hist0_in_score = block_size >= HIST0_IN_SCORE_MIN_BLOCK
     try:
         _score_kernel[(n_lead * m_blocks, triton.cdiv(n, per_split))](
             q3, k3, lengths_arg, scores, block_max, workspace, n, m, k3.stride(0), k3.stride(1), per_split,
             n_blocks, row_stride, bmax_stride,
             D=d, BLOCK_D=max(16, next_pow2(d)), BLOCK_M=block_m, BLOCK_N=block_n, BS=block_size, NB=HIST_BINS,
-            REDUCE_GROUP=per_kv_head, DOT_FP32=dot_fp32, HAS_LENGTHS=has_lengths, HIST0=tuning["hist0_in_score"],
+            REDUCE_GROUP=per_kv_head, DOT_FP32=dot_fp32, HAS_LENGTHS=has_lengths, HIST0=hist0_in_score,
             num_warps=8 if block_n == 128 else 4, num_stages=3,
         )
-        for level in (1,) if tuning["hist0_in_score"] else (0, 1):
+        for level in (1,) if hist0_in_score else (0, 1):
             _block_histogram_kernel[(rows, triton.cdiv(n_blocks, block_t))](
                 block_max, lengths_arg, workspace, n, n_blocks, bmax_stride, k, rows_per_kv,
                 LEVEL=level, BS=block_size, NB=HIST_BINS, BLOCK_T=block_t, HAS_LENGTHS=has_lengths, num_warps=8,
             )
-        skip = tuning["skip_blocks"]
-        _collect_kernel[(rows, collect_parts)](
-            scores, block_max if skip else scores, lengths_arg, workspace, candidates, out_scores, out_indices, n,
-            row_stride, bmax_stride if skip else row_stride, k, rows_per_kv, collect_parts,
-            BS=block_size if skip else 1, NB=HIST_BINS, BLOCK_C=block_c, BLOCK_F=tuning["finalize_block"],
-            HAS_LENGTHS=has_lengths, FINALIZE=tuning["fused_finalize"], num_warps=tuning["collect_warps"],
+        # with blocks of one key, "only the blocks reaching the threshold" is every key: read the scores once
+        skip = block_size > 1
+        _collect_kernel[(rows, triton.cdiv(n, block_c))](
+            scores, block_max if skip else scores, lengths_arg, workspace, candidates, n, row_stride,
+            bmax_stride if skip else row_stride, k, rows_per_kv,
+            BS=block_size if skip else 1, NB=HIST_BINS, BLOCK_C=block_c, HAS_LENGTHS=has_lengths, num_warps=8,
         )
-        if not tuning["fused_finalize"]:
-            _finalize_kernel[(rows,)](
-                candidates, workspace, lengths_arg, out_scores, out_indices, n, row_stride, k, rows_per_kv,
-                NB=HIST_BINS, BLOCK_F=tuning["finalize_block"], HAS_LENGTHS=has_lengths,
-                num_warps=tuning["finalize_warps"],
-            )
+        _finalize_kernel[(rows,)](
+            candidates, workspace, lengths_arg, out_scores, out_indices, n, row_stride, k, rows_per_kv,
+            NB=HIST_BINS, BLOCK_F=4096, HAS_LENGTHS=has_lengths, num_warps=8,
+        )
     except BaseException:
         _SCRATCH.get(_scratch_key(device), {}).pop("workspace", None)  # a failed launch can leave it dirty
         raise
@@ -275,8 +274,8 @@ if HAS_TRITON:
     def _row_threshold(ws_ptr, row, need, valid_blocks, NB: tl.constexpr):
         """Key v with >= need block maxima >= v, from the two 7-bit radix histograms of the row."""
         bins = tl.arange(0, NB)
-        hist0 = tl.load(ws_ptr + row * (2 * NB + 4) + bins)
-        hist1 = tl.load(ws_ptr + row * (2 * NB + 4) + NB + bins)
+        hist0 = tl.load(ws_ptr + row * (2 * NB + 3) + bins)
+        hist1 = tl.load(ws_ptr + row * (2 * NB + 3) + NB + bins)
         b0, need1, _ = _pick_bin(hist0, need, NB)
         b1, _, _ = _pick_bin(hist1, need1, NB)
         threshold = ((b0 << 25) | (b1 << 18)) - 2147483648
@@ -321,7 +320,7 @@ if HAS_TRITON:
                 bmax = tl.max(tl.reshape(summed, (BLOCK_N // BS, BS)), axis=1)
                 tl.store(bmax_ptr + lead.to(tl.int64) * bmax_stride + blk, bmax, mask=blk < n_blocks)
                 if HIST0:
-                    tl.atomic_add(ws_ptr + lead * (2 * NB + 4) + (_ordered_key(bmax) >> 25) + NB // 2, 1,
+                    tl.atomic_add(ws_ptr + lead * (2 * NB + 3) + (_ordered_key(bmax) >> 25) + NB // 2, 1,
                                   mask=blk < valid_blocks, sem="relaxed")
             else:
                 s = tl.where(valid[None, :], s, float("-inf"))
@@ -331,7 +330,7 @@ if HAS_TRITON:
                 tl.store(bmax_ptr + rows[:, None] * bmax_stride + blk[None, :], bmax,
                          mask=m_ok[:, None] & (blk[None, :] < n_blocks))
                 if HIST0:
-                    tl.atomic_add(ws_ptr + rows[:, None] * (2 * NB + 4) + (_ordered_key(bmax) >> 25) + NB // 2, 1,
+                    tl.atomic_add(ws_ptr + rows[:, None] * (2 * NB + 3) + (_ordered_key(bmax) >> 25) + NB // 2, 1,
                                   mask=m_ok[:, None] & (blk[None, :] < valid_blocks), sem="relaxed")
 
     @triton.jit(do_not_specialize=["N", "n_blocks"])
@@ -351,20 +350,18 @@ if HAS_TRITON:
             ok = (i < valid_blocks) & (valid_blocks >= need)
             bins = (key >> 25) + NB // 2
         else:
-            b0, _, _ = _pick_bin(tl.load(ws_ptr + row * (2 * NB + 4) + tl.arange(0, NB)), need, NB)
+            b0, _, _ = _pick_bin(tl.load(ws_ptr + row * (2 * NB + 3) + tl.arange(0, NB)), need, NB)
             ok = (i < valid_blocks) & ((key >> 25) + NB // 2 == b0) & (valid_blocks >= need)
             bins = (key >> 18) & (NB - 1)
         hist = tl.histogram(tl.where(ok, bins, 0), NB, mask=ok)
-        target = ws_ptr + row * (2 * NB + 4) + LEVEL * NB + tl.arange(0, NB)
+        target = ws_ptr + row * (2 * NB + 3) + LEVEL * NB + tl.arange(0, NB)
         tl.atomic_add(target, hist, mask=hist > 0, sem="relaxed")
 
-    @triton.jit(do_not_specialize=["N", "parts"])
-    def _collect_kernel(s_ptr, bmax_ptr, len_ptr, ws_ptr, cand_ptr, out_s_ptr, out_i_ptr, N, row_stride,
-                        bmax_stride, k, rows_per_kv, parts, BS: tl.constexpr, NB: tl.constexpr,
-                        BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-                        FINALIZE: tl.constexpr):
+    @triton.jit(do_not_specialize=["N"])
+    def _collect_kernel(s_ptr, bmax_ptr, len_ptr, ws_ptr, cand_ptr, N, row_stride, bmax_stride, k, rows_per_kv,
+                        BS: tl.constexpr, NB: tl.constexpr, BLOCK_C: tl.constexpr, HAS_LENGTHS: tl.constexpr):
         """Append (key << 32 | index) of every valid key scoring >= the row's threshold, reading only the blocks
-        whose maximum reaches it (one atomic a program); the row's last program to arrive finalizes the row."""
+        whose maximum reaches it (one atomic a program), and the range of the row's candidate keys."""
         row, part = tl.program_id(0), tl.program_id(1)
         length = _row_length(len_ptr, row, rows_per_kv, N, HAS_LENGTHS)
         need = tl.minimum(k, length)
@@ -380,49 +377,35 @@ if HAS_TRITON:
         take = (ok & (key >= threshold)).to(tl.int32)
         per_block = tl.sum(take, axis=1)
         count = tl.sum(per_block, axis=0)
-        ws_row = ws_ptr + row * (2 * NB + 4)
+        ws_row = ws_ptr + row * (2 * NB + 3)
         first = tl.atomic_add(ws_row + 2 * NB, count, mask=count > 0)
         # the row's largest and smallest candidate (the finalize's first range), as unsigned maxima so that the
         # zeroed workspace is their neutral value
         largest = tl.max(tl.max(tl.where(take > 0, key, -2147483648), axis=1), axis=0)
         smallest = tl.min(tl.min(tl.where(take > 0, key, 2147483647), axis=1), axis=0)
-        bounds = (ws_row + 2 * NB + 2).to(tl.pointer_type(tl.uint32), bitcast=True)
+        bounds = (ws_row + 2 * NB + 1).to(tl.pointer_type(tl.uint32), bitcast=True)
         tl.atomic_max(bounds, (largest ^ -2147483648).to(tl.uint32, bitcast=True), mask=count > 0, sem="relaxed")
         tl.atomic_max(bounds + 1, ((~smallest) ^ -2147483648).to(tl.uint32, bitcast=True), mask=count > 0,
                       sem="relaxed")
         slot = first + (tl.cumsum(per_block, axis=0) - per_block)[:, None] + tl.cumsum(take, axis=1) - 1
         tl.store(cand_ptr + base + slot, (key.to(tl.int64) << 32) | n, mask=take > 0)
-        if FINALIZE:
-            tl.debug_barrier()  # every thread's candidates are written before the arrival is released
-            arrived = tl.atomic_add(ws_row + 2 * NB + 1, 1, sem="acq_rel")
-            if arrived == parts - 1:
-                total = tl.atomic_add(ws_row + 2 * NB, 0, sem="acq_rel")
-                hi = (tl.atomic_add(ws_row + 2 * NB + 2, 0, sem="acq_rel") ^ -2147483648).to(tl.int64)
-                lo = (~(tl.atomic_add(ws_row + 2 * NB + 3, 0, sem="acq_rel") ^ -2147483648)).to(tl.int64)
-                _finalize_row(cand_ptr + base, total, lo, hi, tl.minimum(k, length), k, N,
-                              out_s_ptr + row.to(tl.int64) * k, out_i_ptr + row.to(tl.int64) * k, NB, BLOCK_F)
-                _clear_row(ws_row, NB)
-
-    @triton.jit
-    def _clear_row(ws_row, NB: tl.constexpr):
-        """Zero a row's histograms and counters for the next call."""
-        clear = tl.arange(0, 2 * NB)
-        tl.store(ws_row + clear, tl.zeros_like(clear))
-        tl.store(ws_row + 2 * NB + tl.arange(0, 4), tl.zeros((4,), tl.int32))
 
     @triton.jit(do_not_specialize=["N"])
     def _finalize_kernel(cand_ptr, ws_ptr, len_ptr, out_s_ptr, out_i_ptr, N, row_stride, k, rows_per_kv,
                          NB: tl.constexpr, BLOCK_F: tl.constexpr, HAS_LENGTHS: tl.constexpr):
-        """One program per row: the row's exact Top-k from its candidates (after the collect launch)."""
+        """One program per row: the row's exact Top-k from its candidates, then its workspace row zeroed again
+        for the next call (every other launch of this call is done with it)."""
         row = tl.program_id(0)
-        ws_row = ws_ptr + row * (2 * NB + 4)
+        ws_row = ws_ptr + row * (2 * NB + 3)
         length = _row_length(len_ptr, row, rows_per_kv, N, HAS_LENGTHS)
-        hi = (tl.load(ws_row + 2 * NB + 2) ^ -2147483648).to(tl.int64)
-        lo = (~(tl.load(ws_row + 2 * NB + 3) ^ -2147483648)).to(tl.int64)
+        hi = (tl.load(ws_row + 2 * NB + 1) ^ -2147483648).to(tl.int64)
+        lo = (~(tl.load(ws_row + 2 * NB + 2) ^ -2147483648)).to(tl.int64)
         _finalize_row(cand_ptr + row.to(tl.int64) * row_stride, tl.load(ws_row + 2 * NB), lo, hi,
                       tl.minimum(k, length), k, N, out_s_ptr + row.to(tl.int64) * k,
                       out_i_ptr + row.to(tl.int64) * k, NB, BLOCK_F)
-        _clear_row(ws_row, NB)
+        clear = tl.arange(0, 2 * NB)
+        tl.store(ws_row + clear, tl.zeros_like(clear))
+        tl.store(ws_row + 2 * NB + tl.arange(0, 4), tl.zeros((4,), tl.int32), mask=tl.arange(0, 4) < 3)
 
     @triton.jit
     def _candidate_histogram(packed, ok, phase, tie_key, lo, hi, shift, NB: tl.constexpr):
@@ -449,7 +432,7 @@ if HAS_TRITON:
         histograms until the cut is known, then write the winners (and -inf / -1 past k_eff). The first
         BLOCK_F candidates (usually all of them) stay in registers for every pass."""
         offs = tl.arange(0, BLOCK_F)
-        resident = tl.load(cand_ptr + offs, mask=offs < count, other=0, cache_modifier=".cg")
+        resident = tl.load(cand_ptr + offs, mask=offs < count, other=0)
         need = k_eff.to(tl.int64)
         # phase 0 narrows on the score key; phase 1 breaks a tie at key == tie_key by lowest index (key2 = -index)
         phase = tl.full((), 0, tl.int32)
@@ -464,7 +447,7 @@ if HAS_TRITON:
                 shift += 1
             hist = _candidate_histogram(resident, offs < count, phase, tie_key, lo, hi, shift, NB)
             for i0 in range(BLOCK_F, count, BLOCK_F):
-                packed = tl.load(cand_ptr + i0 + offs, mask=i0 + offs < count, other=0, cache_modifier=".cg")
+                packed = tl.load(cand_ptr + i0 + offs, mask=i0 + offs < count, other=0)
                 hist += _candidate_histogram(packed, i0 + offs < count, phase, tie_key, lo, hi, shift, NB)
             b, need, in_bin = _pick_bin(hist, need, NB)
             new_lo = lo + (b << shift)
@@ -482,7 +465,7 @@ if HAS_TRITON:
         written = _write_winners(resident, offs < to_write, cut_key, cut_index, tl.full((), 0, tl.int32), out_s_ptr,
                                  out_i_ptr)
         for i0 in range(BLOCK_F, to_write, BLOCK_F):
-            packed = tl.load(cand_ptr + i0 + offs, mask=i0 + offs < count, other=0, cache_modifier=".cg")
+            packed = tl.load(cand_ptr + i0 + offs, mask=i0 + offs < count, other=0)
             written = _write_winners(packed, i0 + offs < count, cut_key, cut_index, written, out_s_ptr, out_i_ptr)
         for j0 in range(k_eff, k, BLOCK_F):
             pad = j0 + offs < k
