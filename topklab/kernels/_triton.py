@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
 
 import torch
@@ -21,6 +22,8 @@ except ImportError:  # pragma: no cover - exercised only on machines without tri
     triton = None
     tl = None
     HAS_TRITON = False
+
+log = logging.getLogger(__name__)
 
 
 def interpreting() -> bool:
@@ -38,6 +41,54 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division on host ints (``triton.cdiv`` is a slower wrapped function in recent Triton)."""
+    return -(-a // b)
+
+
+_COMPILED: dict[tuple, object] = {}
+_DIRECT_LAUNCH = [True]
+
+
+def launch(kernel, grid: tuple[int, ...], args: tuple, constants: dict, num_warps: int, num_stages: int = 3) -> None:
+    """``kernel[grid](*args, **constants, num_warps=..., num_stages=...)`` with less host time per call.
+
+    Triton's own launch path re-derives the specialisation of every argument in Python on each call (tens of
+    microseconds on the H100 host, more than a decode step's kernels take at short contexts). Here the first call
+    of each specialisation goes through it and keeps the compiled kernel; later calls with the same key launch it
+    directly. The key holds everything Triton specialises on: each tensor's dtype and 16-byte alignment, each
+    integer's 32/64-bit range and whether it is 1 or a multiple of 16 (for every integer: a superset of what
+    ``do_not_specialize`` leaves), the constants and the launch options. ``constants`` must be the kernel's
+    trailing ``tl.constexpr`` parameters, in order. The interpreter always takes Triton's path.
+    """
+    if interpreting():
+        kernel[grid](*args, **constants, num_warps=num_warps, num_stages=num_stages)
+        return
+    key = [kernel, torch.cuda.current_device(), num_warps, num_stages, *constants.values()]
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            key.append((arg.dtype, arg.data_ptr() % 16 == 0))
+        elif isinstance(arg, bool) or not isinstance(arg, int):
+            key.append(type(arg))
+        else:
+            key.append((arg == 1, arg % 16 == 0, -2**31 <= arg < 2**31))
+    key = tuple(key)
+    compiled = _COMPILED.get(key)
+    if compiled is None or not _DIRECT_LAUNCH[0]:
+        if list(constants) != kernel.arg_names[len(args):]:
+            raise ValueError(f"launch({kernel.fn.__name__}): pass every runtime argument, then the constants "
+                             f"{kernel.arg_names[len(args):]} in order; got {list(constants)}")
+        compiled = kernel[grid](*args, **constants, num_warps=num_warps, num_stages=num_stages)
+        _COMPILED[key] = compiled
+        return
+    try:
+        compiled[(*grid, 1, 1)[:3]](*args, *constants.values())
+    except TypeError as err:  # a Triton whose launcher takes other arguments: use its own path from now on
+        log.warning("direct Triton launch failed (%s); using kernel[grid](...) from now on", err)
+        _DIRECT_LAUNCH[0] = False
+        kernel[grid](*args, **constants, num_warps=num_warps, num_stages=num_stages)
 
 
 KERNEL_MODULES = ("topklab.kernels.fp8_index", "topklab.kernels.topk", "topklab.kernels.sparse_attention",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from topklab.kernels._triton import HAS_TRITON, next_pow2, tl, triton, use_triton
+from topklab.kernels._triton import HAS_TRITON, cdiv, launch, next_pow2, tl, triton, use_triton
 
 FP8_MAX = 448.0
 FP8_DTYPE = torch.float8_e4m3fn
@@ -112,12 +112,10 @@ def fp8_index_scores(q_fp8, q_scale, k_fp8, k_scale, weights) -> torch.Tensor:
     N = k_fp8.shape[1]
     out = torch.empty(B, M, N, dtype=torch.float32, device=q_fp8.device)
     block_n, queries_per_program = 128, 8 if M >= 8 else M
-    grid = (triton.cdiv(N, block_n), triton.cdiv(M, queries_per_program), B)
-    _fp8_index_kernel[grid](
-        q_fp8, q_scale, k_fp8, k_scale, weights, out, M, N, H, d,
-        BLOCK_H=max(16, next_pow2(H)), BLOCK_N=block_n, BLOCK_D=max(32, next_pow2(d)),
-        QUERIES_PER_PROGRAM=queries_per_program, num_warps=4,
-    )
+    launch(_fp8_index_kernel, (cdiv(N, block_n), cdiv(M, queries_per_program), B),
+           (q_fp8, q_scale, k_fp8, k_scale, weights, out, M, N, H, d),
+           dict(BLOCK_H=max(16, next_pow2(H)), BLOCK_N=block_n, BLOCK_D=max(32, next_pow2(d)),
+                QUERIES_PER_PROGRAM=queries_per_program), num_warps=4)
     return out
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from topklab.kernels._triton import HAS_TRITON, interpreting, next_pow2, tl, triton, use_triton
+from topklab.kernels._triton import HAS_TRITON, cdiv, interpreting, launch, next_pow2, tl, triton, use_triton
 from topklab.kernels.topk import _scratch, _sm_count, topk, topk_reference
 
 
@@ -102,25 +102,23 @@ def _attend(q, keys, values, indices, scale: float, selected_scores: torch.Tenso
     idx = indices.reshape(b * n_sel, k).contiguous()
     sel_rows = b * n_sel
     block_k = 64
-    splits = max(1, min(triton.cdiv(k, block_k), triton.cdiv(4 * _sm_count(q.device), sel_rows)))
-    per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
-    splits = triton.cdiv(k, per_split)
+    splits = max(1, min(cdiv(k, block_k), cdiv(4 * _sm_count(q.device), sel_rows)))
+    per_split = cdiv(cdiv(k, splits), block_k) * block_k
+    splits = cdiv(k, per_split)
     block_m = max(16, next_pow2(group))
     part_max = _scratch(q.device, "part_max", (sel_rows, splits, block_m), torch.float32)
     part_sum = _scratch(q.device, "part_sum", (sel_rows, splits, block_m), torch.float32)
     part_acc = _scratch(q.device, "part_acc", (sel_rows, splits, block_m, d), torch.float32)
     has_scores = selected_scores is not None
     dot_fp32 = interpreting() or q.dtype == torch.float32 or keys.dtype != q.dtype
-    _sparse_attention_kernel[(sel_rows, splits)](
-        q2, k3, v3, idx, selected_scores.reshape(sel_rows, k) if has_scores else idx, part_max, part_sum, part_acc,
-        scale, k, group, n_sel // hkv, k3.stride(0), k3.stride(1), per_split, splits,
-        D=d, BLOCK_D=max(16, next_pow2(d)), BLOCK_M=block_m, BLOCK_K=block_k,
-        HAS_SCORES=has_scores, DOT_FP32=dot_fp32, num_warps=4,
-    )
+    launch(_sparse_attention_kernel, (sel_rows, splits),
+           (q2, k3, v3, idx, selected_scores.reshape(sel_rows, k) if has_scores else idx, part_max, part_sum,
+            part_acc, scale, k, group, n_sel // hkv, k3.stride(0), k3.stride(1), per_split, splits),
+           dict(D=d, BLOCK_D=max(16, next_pow2(d)), BLOCK_M=block_m, BLOCK_K=block_k, HAS_SCORES=has_scores,
+                DOT_FP32=dot_fp32), num_warps=4)
     out = torch.empty(b * hq, d, dtype=q.dtype, device=q.device)
-    _merge_kernel[(sel_rows, group)](part_max, part_sum, part_acc, out, group, splits,
-                               D=d, BLOCK_D=max(16, next_pow2(d)), BLOCK_M=block_m,
-                               BLOCK_S=max(2, next_pow2(splits)), num_warps=4)
+    launch(_merge_kernel, (sel_rows, group), (part_max, part_sum, part_acc, out, group, splits),
+           dict(D=d, BLOCK_D=max(16, next_pow2(d)), BLOCK_M=block_m, BLOCK_S=max(2, next_pow2(splits))), num_warps=4)
     return out.view(b, hq, d)
 
 

@@ -29,7 +29,7 @@ import math
 import torch
 
 from topklab.checks import check_k
-from topklab.kernels._triton import HAS_TRITON, interpreting, next_pow2, tl, triton, use_triton
+from topklab.kernels._triton import HAS_TRITON, cdiv, interpreting, launch, next_pow2, tl, triton, use_triton
 
 HIST_BINS = 128  # 7 radix bits a level: the block-maxima levels use bits 31..25 and 24..18
 # per row: level-0 and level-1 histograms, candidate count, largest and smallest candidate
@@ -142,15 +142,15 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, row_lengths: torch.Tenso
     device = k3.device
     block_n = 64 if k3.dtype == torch.float32 else 128
     block_m = max(16, next_pow2(min(m, MAX_GROUP_BLOCK)))
-    m_blocks = triton.cdiv(m, block_m)
+    m_blocks = cdiv(m, block_m)
     # >= 4k blocks (so ~1.15k candidates), at most one tile per block
     block_size = max(1, min(block_n, _prev_pow2(n // (4 * k)) if n >= 4 * k else 1))
-    n_blocks = triton.cdiv(n, block_size)
+    n_blocks = cdiv(n, block_size)
     # row strides padded to 16 so that Triton's divisibility specialisation stays fixed as N grows while decoding
     # (N itself is not specialised): one compilation per configuration, vectorised row accesses
     row_stride, bmax_stride = _round16(n), _round16(n_blocks)
-    splits = max(1, min(triton.cdiv(n, block_n), triton.cdiv(4 * _sm_count(device), n_lead * m_blocks)))
-    per_split = triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
+    splits = max(1, min(cdiv(n, block_n), cdiv(4 * _sm_count(device), n_lead * m_blocks)))
+    per_split = cdiv(cdiv(n, splits), block_n) * block_n
     has_lengths = row_lengths is not None
     lengths_arg = row_lengths if has_lengths else q3  # unused pointer when there are no lengths
     dot_fp32 = k3.dtype == torch.float32 or q3.dtype == torch.float32 or interpreting() or q3.dtype != k3.dtype
@@ -163,30 +163,29 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, row_lengths: torch.Tenso
     out_indices = torch.empty(rows, k, dtype=torch.int64, device=device)
     block_t, block_c = 2048, 4096
     hist0_in_score = block_size >= HIST0_IN_SCORE_MIN_BLOCK
+    # with blocks of one key, "only the blocks reaching the threshold" is every key: read the scores once
+    skip = block_size > 1
     try:
-        _score_kernel[(n_lead * m_blocks, triton.cdiv(n, per_split))](
-            q3, k3, lengths_arg, scores, block_max, workspace, n, m, k3.stride(0), k3.stride(1), per_split,
-            n_blocks, row_stride, bmax_stride,
-            D=d, BLOCK_D=max(16, next_pow2(d)), BLOCK_M=block_m, BLOCK_N=block_n, BS=block_size, NB=HIST_BINS,
-            REDUCE_GROUP=per_kv_head, DOT_FP32=dot_fp32, HAS_LENGTHS=has_lengths, HIST0=hist0_in_score,
-            num_warps=8 if block_n == 128 else 4, num_stages=3,
-        )
+        launch(_score_kernel, (n_lead * m_blocks, cdiv(n, per_split)),
+               (q3, k3, lengths_arg, scores, block_max, workspace, n, m, k3.stride(0), k3.stride(1), per_split,
+                n_blocks, row_stride, bmax_stride),
+               dict(D=d, BLOCK_D=max(16, next_pow2(d)), BLOCK_M=block_m, BLOCK_N=block_n, BS=block_size,
+                    NB=HIST_BINS, REDUCE_GROUP=per_kv_head, DOT_FP32=dot_fp32, HAS_LENGTHS=has_lengths,
+                    HIST0=hist0_in_score),
+               num_warps=8 if block_n == 128 else 4)
         for level in (1,) if hist0_in_score else (0, 1):
-            _block_histogram_kernel[(rows, triton.cdiv(n_blocks, block_t))](
-                block_max, lengths_arg, workspace, n, n_blocks, bmax_stride, k, rows_per_kv,
-                LEVEL=level, BS=block_size, NB=HIST_BINS, BLOCK_T=block_t, HAS_LENGTHS=has_lengths, num_warps=8,
-            )
-        # with blocks of one key, "only the blocks reaching the threshold" is every key: read the scores once
-        skip = block_size > 1
-        _collect_kernel[(rows, triton.cdiv(n, block_c))](
-            scores, block_max if skip else scores, lengths_arg, workspace, candidates, n, row_stride,
-            bmax_stride if skip else row_stride, k, rows_per_kv,
-            BS=block_size if skip else 1, NB=HIST_BINS, BLOCK_C=block_c, HAS_LENGTHS=has_lengths, num_warps=8,
-        )
-        _finalize_kernel[(rows,)](
-            candidates, workspace, lengths_arg, out_scores, out_indices, n, row_stride, k, rows_per_kv,
-            NB=HIST_BINS, BLOCK_F=4096, HAS_LENGTHS=has_lengths, num_warps=8,
-        )
+            launch(_block_histogram_kernel, (rows, cdiv(n_blocks, block_t)),
+                   (block_max, lengths_arg, workspace, n, n_blocks, bmax_stride, k, rows_per_kv),
+                   dict(LEVEL=level, BS=block_size, NB=HIST_BINS, BLOCK_T=block_t, HAS_LENGTHS=has_lengths),
+                   num_warps=8)
+        launch(_collect_kernel, (rows, cdiv(n, block_c)),
+               (scores, block_max if skip else scores, lengths_arg, workspace, candidates, n, row_stride,
+                bmax_stride if skip else row_stride, k, rows_per_kv),
+               dict(BS=block_size if skip else 1, NB=HIST_BINS, BLOCK_C=block_c, HAS_LENGTHS=has_lengths),
+               num_warps=8)
+        launch(_finalize_kernel, (rows,),
+               (candidates, workspace, lengths_arg, out_scores, out_indices, n, row_stride, k, rows_per_kv),
+               dict(NB=HIST_BINS, BLOCK_F=4096, HAS_LENGTHS=has_lengths), num_warps=8)
     except BaseException:
         _SCRATCH.get(_scratch_key(device), {}).pop("workspace", None)  # a failed launch can leave it dirty
         raise
@@ -198,7 +197,8 @@ SCRATCH_STREAMS = 4  # buffers are kept for this many (device, stream) pairs, th
 
 
 def _scratch_key(device: torch.device) -> tuple:
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    # the raw stream handle, as Triton reads it (a torch.cuda.Stream object costs microseconds per call)
+    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
     return device, stream
 
 
