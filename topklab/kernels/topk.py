@@ -185,7 +185,8 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, row_lengths: torch.Tenso
                num_warps=8)
         launch(_finalize_kernel, (rows,),
                (candidates, workspace, lengths_arg, out_scores, out_indices, n, row_stride, k, rows_per_kv),
-               dict(NB=HIST_BINS, BLOCK_F=4096, HAS_LENGTHS=has_lengths), num_warps=8)
+               dict(NB=HIST_BINS, BLOCK_F=min(4096, max(256, next_pow2(2 * k))), HAS_LENGTHS=has_lengths),
+               num_warps=8)
     except BaseException:
         _SCRATCH.get(_scratch_key(device), {}).pop("workspace", None)  # a failed launch can leave it dirty
         raise
