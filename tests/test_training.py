@@ -18,8 +18,10 @@ from topklab.training.topk_sft import (
     TrainConfig,
     answer_text,
     finetune,
+    load_trainable,
     learning_rate,
     main as sft_main,
+    save_checkpoint,
     task_batches,
     token_loss,
     train,
@@ -349,7 +351,7 @@ def test_bad_config_files_and_checkpoints(tmp_path):
 
 
 @pytest.mark.slow
-def test_topk_finetuning_runs_on_smollm2():
+def test_topk_finetuning_runs_on_smollm2(tmp_path):
     from topklab.models import load_model
 
     model, tokenizer = load_model("smollm2")
@@ -361,3 +363,6 @@ def test_topk_finetuning_runs_on_smollm2():
     train(model, iter([batch] * 2), TrainConfig(steps=2, batch_size=1, lr=1e-4, warmup=0, topk=topk))
     after = _held_out_loss(model, batch, topk)
     assert math.isfinite(before) and after < before
+    saved = save_checkpoint(model, tokenizer, tmp_path / "sft", {"steps": 2})  # a GGUF-loaded model saves
+    reloaded, _ = load_trainable(str(saved), "cpu")
+    assert _held_out_loss(reloaded, batch, topk) == pytest.approx(after, rel=1e-5)

@@ -44,8 +44,19 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
     log.info("loading %s", name)
     tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
     model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    if "gguf_file" in kwargs:
+        _forget_gguf(model)
     model.config.name_or_path = name
     return model.to(device).eval(), tokenizer
+
+
+def _forget_gguf(model) -> None:
+    """GGUF weights arrive de-quantized to plain ``dtype`` tensors, but transformers keeps a GGUF "quantizer" on the
+    model that refuses ``save_pretrained``: drop it, so a fine-tuned SmolLM2 saves (and reloads) like any model."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 TINY_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma3")
