@@ -187,11 +187,11 @@ def test_topk_all_scores_equal_takes_the_first_k(kernels, rng, n):
 
 def test_topk_leaves_its_workspace_zeroed_for_the_next_call(kernels, rng):
     """The histograms and counters are reused without a memset: each call must clear every row it used."""
-    q, keys = _randn(rng, 2, 6, 32), _randn(rng, 2, 3, 5000, 32)  # two collect programs per row
-    lengths = torch.tensor([5000, 17])
+    q, keys = _randn(rng, 2, 4, 32), _randn(rng, 2, 2, 4500, 32)  # two collect programs per row
+    lengths = torch.tensor([4500, 17])
     first = kernels.topk.topk(q, keys, 20, lengths=lengths)  # blocks of 32: level 0 in the score pass
     workspace = kernels.topk._SCRATCH[kernels.topk._scratch_key(q.device)]["workspace"]
-    assert workspace.numel() >= 12 * kernels.topk.WORKSPACE_WIDTH and not bool(workspace.any())
+    assert workspace.numel() >= 8 * kernels.topk.WORKSPACE_WIDTH and not bool(workspace.any())
     again = kernels.topk.topk(q, keys, 20, lengths=lengths)
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
     _check_topk_close(again, kernels.topk.topk_reference(q, keys, 20, lengths=lengths), q, keys, lengths=lengths)
