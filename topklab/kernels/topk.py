@@ -208,7 +208,7 @@ def _scratch(device: torch.device, name: str, shape: tuple[int, ...], dtype: tor
     """A buffer of ``shape`` reused by every call on this device and stream (calls on one stream run in order, so
     they never use it at the same time): a decode loop allocates nothing per step and keeps the caching allocator
     from splitting the KV cache's large blocks. It grows with headroom as the context grows. ``zeroed`` buffers
-    start all zeros and the kernels leave them so (see `_collect_kernel`)."""
+    start all zeros and the kernels leave them so (see `_finalize_kernel`)."""
     key = _scratch_key(device)
     buffers = _SCRATCH.setdefault(key, {})
     _SCRATCH.move_to_end(key)
