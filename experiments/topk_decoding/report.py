@@ -150,8 +150,18 @@ def accuracy_table(results: pd.DataFrame, by: Sequence[str], seed: int = 0) -> p
         low, high, method = interval(group["score"].to_numpy(), seed)
         rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), "n": len(group),
                      "score": group["score"].mean(), "low": low, "high": high, "ci": method,
-                     "recall": group["recall"].mean(), "mass_recall": group["mass_recall"].mean()})
+                     "recall": group["recall"].mean(), "mass_recall": group["mass_recall"].mean(),
+                     "keys": keys_attended(group)})
     return pd.DataFrame(rows)
+
+
+def keys_attended(group: pd.DataFrame) -> float:
+    """Keys per query of a group's k: a count as given, a ratio times the mean prompt length (NaN for dense)."""
+    k = group["k"].dropna()
+    if k.empty:
+        return math.nan
+    k = float(k.iloc[0])
+    return k if k >= 1 else k * float(group["context_tokens"].mean())
 
 
 def paired_difference(results: pd.DataFrame, column: str, a: str, b: str, by: Sequence[str] = (), seed: int = 0,
@@ -187,10 +197,10 @@ def plot_accuracy_vs_k(table: pd.DataFrame, path: str | Path, hue: str, title: s
     for axis, task in zip(axes[0], tasks):
         rows = table[table["task"] == task]
         for name, colour in colours.items():
-            line = rows[(rows[hue] == name) & (rows["indexer"] != "dense")].sort_values("k")
+            line = rows[(rows[hue] == name) & (rows["indexer"] != "dense")].sort_values("keys")
             if len(line):
                 below, above = (line[value] - line["low"]).clip(lower=0), (line["high"] - line[value]).clip(lower=0)
-                axis.errorbar(line["k"], line[value], yerr=[below, above],
+                axis.errorbar(line["keys"], line[value], yerr=[below, above],
                               marker="o", capsize=3, color=colour, label=f"{name}: Top-k")
             dense = rows[(rows[hue] == name) & (rows["indexer"] == "dense")]
             if len(dense):
@@ -199,7 +209,7 @@ def plot_accuracy_vs_k(table: pd.DataFrame, path: str | Path, hue: str, title: s
         if ylim is not None:
             axis.set_ylim(*ylim)
         axis.set_title(f"{task} (n={int(rows['n'].max())} per point)", fontsize=9)
-        axis.set_xlabel("k (ratio of the context)" if (rows["k"].dropna() <= 1).all() else "k (keys)")
+        axis.set_xlabel("k (keys per query)")  # a ratio k is drawn at ratio x mean prompt length
     axes[0][0].set_ylabel(value)
     axes[0][-1].legend(fontsize=7, loc="best")
     figure.suptitle(title, fontsize=10)
