@@ -285,6 +285,8 @@ def test_bad_configurations_raise_clear_errors():
         enable_topk_attention(model, k=4, dense_layers=[0, 7])
     with pytest.raises(ValueError, match="unknown indexer"):
         enable_topk_attention(model, "nosuch:x=1", k=4)
+    with pytest.raises(ValueError, match="not trained"):
+        enable_topk_attention(model, "lightning", k=4)
     with pytest.raises(ValueError, match="per must be"):
         enable_topk_attention(model, k=4, per="token")
     with pytest.raises(ValueError, match="prefill must be"):

@@ -243,6 +243,8 @@ def test_bad_configurations_fail_before_any_model_loads(tmp_path, monkeypatch):
         run_evaluation(EvalConfig(**{**base, "tasks": ("passkey", "nope")}))
     with pytest.raises(ValueError, match="unknown indexer"):
         run_evaluation(EvalConfig(**{**base, "indexers": ("dense", "nope")}))
+    with pytest.raises(ValueError, match="lightning is a learned indexer and is not trained"):
+        run_evaluation(EvalConfig(**{**base, "indexers": ("dense", "lightning")}))
     with pytest.raises(ValueError, match="samples must be >= 1"):
         run_evaluation(EvalConfig(**{**base, "samples": 0}))
     with pytest.raises(ValueError, match="single process"):

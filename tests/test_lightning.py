@@ -171,7 +171,7 @@ def test_spec_errors(spec, message):
 
 
 def test_input_errors(trace, trained):
-    with pytest.raises(RuntimeError, match="not trained"):
+    with pytest.raises(ValueError, match="not trained"):
         make("lightning").build(trace.hidden)
     with pytest.raises(ValueError, match="trained on hidden size 32"):
         trained.build(torch.randn(1, 10, 48))

@@ -369,9 +369,9 @@ def _template(indexer: IndexerChoice, layer: int) -> Indexer:
             raise ValueError(f"the indexer mapping has no entry for layer {layer}; add one or list it in dense_layers")
         indexer = indexer[layer]
     if isinstance(indexer, str):
-        return make(indexer)
+        return make(indexer).require_fitted()
     if isinstance(indexer, Indexer):
-        return copy.deepcopy(indexer)
+        return copy.deepcopy(indexer.require_fitted())
     raise TypeError(
         "indexer must be a spec string, an Indexer or a {layer: spec or Indexer} mapping, "
         f"got {type(indexer).__name__}"

@@ -112,6 +112,19 @@ class Indexer:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.spec} n={self.n}>"
 
+    @property
+    def fitted(self) -> bool:
+        """False only for a trainable indexer that has no learned parameters yet."""
+        return not self.trainable
+
+    def require_fitted(self) -> "Indexer":
+        """Refuse, with what to do, an indexer that cannot build yet (before a model or a job spends any time)."""
+        if not self.fitted:
+            raise ValueError(f"{self.spec} is a learned indexer and is not trained: fit it per layer on captured "
+                             "attention (Indexer.fit, as `topklab recall` does) and pass the fitted indexers, or "
+                             "load one with ckpt=PATH")
+        return self
+
     # -- the protocol ----------------------------------------------------------------------------------------
     def fit(self, layers: "Sequence[LayerTrace]") -> "Indexer":
         """Learn parameters from captured attention of one layer (several sequences); only trainable indexers."""

@@ -218,9 +218,12 @@ class Lightning(Indexer):
         net.load_state_dict(state)
         return net.eval()
 
+    @property
+    def fitted(self) -> bool:
+        return self.net is not None
+
     def _trained(self) -> LightningProjections:
-        if self.net is None:
-            raise RuntimeError(f"{self.spec} is not trained: call fit(layers) first, or load one with ckpt=path")
+        self.require_fitted()
         return self.net
 
     def _index_keys(self, hidden: torch.Tensor, start: int) -> torch.Tensor:

@@ -98,7 +98,7 @@ def configurations(indexers: Sequence[str], ks: Sequence[int | float], per: str 
         if spec == DENSE:
             out.append(DecodeConfig(DENSE))
             continue
-        indexer = make_indexer(spec)  # fails fast on a bad spec
+        indexer = make_indexer(spec).require_fitted()  # fails fast on a bad spec or an untrained learned indexer
         hidden = indexer.source == "hidden"
         resolved = per if per is not None else ("layer" if hidden else "head")
         if not ks:
