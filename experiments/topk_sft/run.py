@@ -32,6 +32,7 @@ from report import (  # noqa: E402
     bootstrap_mean,
     evaluate,
     evaluate_teacher_forced,
+    keys_attended,
     markdown,
     paired_difference,
     plot_accuracy_vs_k,
@@ -124,7 +125,7 @@ def likelihood_summary(forced: pd.DataFrame, out: Path, seed: int) -> str:
     for (arm, indexer, k), group in forced.assign(task="all").groupby(["arm", "indexer", "k"], dropna=False):
         low, high = bootstrap_mean(group["nll"].to_numpy(), seed)
         curves.append({"model": arm, "task": "all", "indexer": indexer, "k": k, "nll": group["nll"].mean(),
-                       "low": low, "high": high, "n": len(group)})
+                       "low": low, "high": high, "n": len(group), "keys": keys_attended(group)})
     plot_accuracy_vs_k(pd.DataFrame(curves), out / "answer_nll_vs_k.png", hue="model", value="nll", ylim=None,
                        title="Teacher-forced answer NLL (nats/token) under Top-k decoding")
     write_table(gaps, out / "teacher_forced_gaps.csv")
