@@ -25,8 +25,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from topklab.io import read_table, write_table
-from topklab.tasks import PromptCodec, make
+from topklab.io import read_table, write_table, write_text
+from topklab.tasks import PromptCodec, make_with_filler
 from topklab.tasks.evaluate import COLUMNS, DecodeConfig, evaluate_sample
 
 log = logging.getLogger(__name__)
@@ -105,8 +105,7 @@ def evaluate_teacher_forced(model, tokenizer, arm: str, tasks, lengths: Sequence
 
 def build_tasks(names: Sequence[str], filler: str | None):
     """Tasks by name; ``filler`` sets the haystack text of those that have one (a zoo model's training text)."""
-    tasks = [make(name) for name in names]
-    return [make(t.name, filler=filler) if filler and hasattr(t, "filler") else t for t in tasks]
+    return [make_with_filler(name, filler or None) for name in names]
 
 
 def setting(frame: pd.DataFrame) -> pd.Series:
@@ -162,6 +161,34 @@ def keys_attended(group: pd.DataFrame) -> float:
         return math.nan
     k = float(k.iloc[0])
     return k if k >= 1 else k * float(group["context_tokens"].mean())
+
+
+def accuracy_by_task(results: pd.DataFrame, by: Sequence[str], seed: int = 0) -> pd.DataFrame:
+    """`accuracy_table` per task, then pooled over the tasks (task "all")."""
+    return pd.concat([accuracy_table(results, by, seed), accuracy_table(results.assign(task="all"), by, seed)],
+                     ignore_index=True)
+
+
+def per_scope(results: pd.DataFrame, difference) -> pd.DataFrame:
+    """``difference(frame)`` over all tasks pooled (task "all") and then each task alone."""
+    scopes = [("all", results), *((task, results[results["task"] == task]) for task in dict.fromkeys(results["task"]))]
+    return pd.concat([difference(frame).assign(task=scope) for scope, frame in scopes], ignore_index=True)
+
+
+def write_summary(out: Path, title: str, table: pd.DataFrame, diffs: pd.DataFrame, *, name: str, diff_label: str,
+                  diffs_file: str, headings: tuple[str, str]) -> str:
+    """summary.csv, ``diffs_file``, accuracy_vs_k.png (one line per ``name`` value) and summary.md; returns the
+    markdown."""
+    write_table(table, out / "summary.csv")
+    write_table(diffs, out / diffs_file)
+    plot_accuracy_vs_k(table.rename(columns={name: "model"}), out / "accuracy_vs_k.png", hue="model", title=title)
+    shown = table.assign(**{"score [95% CI]": with_interval(table)})[[name, "task", "setting", "n", "score [95% CI]",
+                                                                      "ci", "recall", "mass_recall"]]
+    paired = diffs.assign(**{diff_label: with_interval(diffs, "difference")})[
+        ["setting", "task", "n", diff_label, "changed_up", "changed_down"]]
+    text = f"## {title}\n\n{headings[0]}\n\n{markdown(shown)}\n\n{headings[1]}\n\n{markdown(paired)}\n"
+    write_text(text, out / "summary.md")
+    return text
 
 
 def paired_difference(results: pd.DataFrame, column: str, a: str, b: str, by: Sequence[str] = (), seed: int = 0,

@@ -21,18 +21,17 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import (  # noqa: E402
-    accuracy_table,
+    accuracy_by_task,
     build_tasks,
     evaluate,
-    markdown,
     paired_difference,
-    plot_accuracy_vs_k,
+    per_scope,
     set_threads,
     setting,
-    with_interval,
+    write_summary,
 )
 
-from topklab.io import write_table, write_text  # noqa: E402
+from topklab.io import write_table  # noqa: E402
 from topklab.training.topk_sft import default_filler  # noqa: E402
 from topklab.tasks.evaluate import configurations  # noqa: E402
 
@@ -49,24 +48,13 @@ def load(name: str, device: str):
 
 def summarise(results: pd.DataFrame, out: Path, title: str, seed: int) -> str:
     results = results.assign(setting=setting(results))
-    by_task = accuracy_table(results, ["model", "task", "indexer", "k", "setting"], seed)
-    pooled = accuracy_table(results.assign(task="all"), ["model", "task", "indexer", "k", "setting"], seed)
-    table = pd.concat([by_task, pooled], ignore_index=True)
-    scopes = [("all", results), *((task, results[results["task"] == task]) for task in dict.fromkeys(results["task"]))]
-    diffs = pd.concat([paired_difference(frame, "setting", name, "dense", seed=seed).assign(setting=name, task=scope)
-                       for name in sorted(set(results["setting"]) - {"dense"}) for scope, frame in scopes],
+    table = accuracy_by_task(results, ["model", "task", "indexer", "k", "setting"], seed)
+    diffs = pd.concat([per_scope(results, lambda frame: paired_difference(frame, "setting", name, "dense", seed=seed))
+                       .assign(setting=name) for name in sorted(set(results["setting"]) - {"dense"})],
                       ignore_index=True)
-    write_table(table, out / "summary.csv")
-    write_table(diffs, out / "paired_vs_dense.csv")
-    plot_accuracy_vs_k(table, out / "accuracy_vs_k.png", hue="model", title=title)
-    shown = table.assign(**{"score [95% CI]": with_interval(table)})[["model", "task", "setting", "n", "score [95% CI]",
-                                                                      "ci", "recall", "mass_recall"]]
-    paired = diffs.assign(**{"Top-k minus dense [95% CI]": with_interval(diffs, "difference")})[
-        ["setting", "task", "n", "Top-k minus dense [95% CI]", "changed_up", "changed_down"]]
-    text = (f"## {title}\n\nAccuracy per configuration\n\n{markdown(shown)}\n\n"
-            f"Paired difference to dense decoding (same samples)\n\n{markdown(paired)}\n")
-    write_text(text, out / "summary.md")
-    return text
+    return write_summary(out, title, table, diffs, name="model", diff_label="Top-k minus dense [95% CI]",
+                         diffs_file="paired_vs_dense.csv",
+                         headings=("Accuracy per configuration", "Paired difference to dense decoding (same samples)"))
 
 
 def main(argv: list[str] | None = None) -> int:

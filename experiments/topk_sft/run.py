@@ -27,18 +27,20 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "topk_decoding"))
 from report import (  # noqa: E402
-    accuracy_table,
-    build_tasks,
+    accuracy_by_task,
     bootstrap_mean,
+    build_tasks,
     evaluate,
     evaluate_teacher_forced,
     keys_attended,
     markdown,
     paired_difference,
+    per_scope,
     plot_accuracy_vs_k,
     set_threads,
     setting,
     with_interval,
+    write_summary,
 )
 
 from topklab.io import write_table, write_text  # noqa: E402
@@ -138,24 +140,14 @@ def likelihood_summary(forced: pd.DataFrame, out: Path, seed: int) -> str:
 
 def summarise(results: pd.DataFrame, out: Path, title: str, seed: int) -> str:
     results = results.assign(setting=setting(results))
-    keys = ["arm", "task", "indexer", "k", "setting"]
-    table = pd.concat([accuracy_table(results, keys, seed), accuracy_table(results.assign(task="all"), keys, seed)],
-                      ignore_index=True)
-    scopes = [("all", results), *((task, results[results["task"] == task]) for task in dict.fromkeys(results["task"]))]
-    paired = pd.concat([paired_difference(frame[frame["setting"] == name], "arm", "topk-sft", "dense-sft", seed=seed)
-                        .assign(setting=name, task=scope)
-                        for name in dict.fromkeys(results["setting"]) for scope, frame in scopes], ignore_index=True)
-    write_table(table, out / "summary.csv")
-    write_table(paired, out / "paired_topk_vs_dense_sft.csv")
-    plot_accuracy_vs_k(table.rename(columns={"arm": "model"}), out / "accuracy_vs_k.png", hue="model", title=title)
-    shown = table.assign(**{"score [95% CI]": with_interval(table)})[["arm", "task", "setting", "n", "score [95% CI]",
-                                                                      "ci", "recall", "mass_recall"]]
-    gaps = paired.assign(**{"Top-k SFT minus dense SFT [95% CI]": with_interval(paired, "difference")})[
-        ["setting", "task", "n", "Top-k SFT minus dense SFT [95% CI]", "changed_up", "changed_down"]]
-    text = (f"## {title}\n\nAccuracy per arm and decoding configuration\n\n{markdown(shown)}\n\n"
-            f"Paired difference, same samples and decoding configuration\n\n{markdown(gaps)}\n")
-    write_text(text, out / "summary.md")
-    return text
+    table = accuracy_by_task(results, ["arm", "task", "indexer", "k", "setting"], seed)
+    paired = pd.concat([per_scope(results[results["setting"] == name],
+                                  lambda frame: paired_difference(frame, "arm", "topk-sft", "dense-sft", seed=seed))
+                        .assign(setting=name) for name in dict.fromkeys(results["setting"])], ignore_index=True)
+    return write_summary(out, title, table, paired, name="arm", diff_label="Top-k SFT minus dense SFT [95% CI]",
+                         diffs_file="paired_topk_vs_dense_sft.csv",
+                         headings=("Accuracy per arm and decoding configuration",
+                                   "Paired difference, same samples and decoding configuration"))
 
 
 def main(argv: list[str] | None = None) -> int:

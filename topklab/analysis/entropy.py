@@ -109,7 +109,7 @@ def task_entropy(model, tokenizer, tasks: Sequence[str] = ("passkey",), lengths:
     captured; positions after the prompt are the decode positions. ``tokenizer=None``: byte tokens (tiny models).
     ``filler``: the haystack text of the tasks that have one ('wiki', a .txt file or folder; None: each task's own)."""
     from topklab.decoding.capture import capture
-    from topklab.tasks import PromptCodec, make
+    from topklab.tasks import PromptCodec, make_with_filler
 
     if decode_steps < 2:
         raise ValueError(f"decode_steps must be >= 2 (the first token comes from the prefill), got {decode_steps}")
@@ -118,9 +118,7 @@ def task_entropy(model, tokenizer, tasks: Sequence[str] = ("passkey",), lengths:
     device = next(model.parameters()).device
     frames = []
     for spec in tasks:
-        task = make(spec)
-        if filler is not None and hasattr(task, "filler"):
-            task = make(spec, filler=filler)
+        task = make_with_filler(spec, filler)
         for length in lengths:
             for index in range(samples):
                 sample = task.sample(codec, length=length, index=index, seed=seed)

@@ -24,11 +24,12 @@ from topklab.tasks.base import (
     available,
     contains_word,
     make,
+    make_with_filler,
     match_all,
     register,
 )
 
 __all__ = [
     "ByteTokenizer", "Draft", "Prompt", "PromptCodec", "Sample", "Task", "available", "contains_word", "make",
-    "match_all", "register",
+    "make_with_filler", "match_all", "register",
 ]

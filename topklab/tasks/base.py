@@ -299,6 +299,13 @@ def make(spec: str, **params) -> Task:
     return task
 
 
+def make_with_filler(spec: str, filler: str | None) -> Task:
+    """``make(spec)`` with its haystack text set to ``filler`` ('wiki', a .txt file or folder), for the tasks that
+    have one; ``None`` (or a task without a haystack) keeps the task's own."""
+    task = make(spec)
+    return make(spec, filler=filler) if filler is not None and hasattr(task, "filler") else task
+
+
 __all__ = [
     "ByteTokenizer", "Draft", "Prompt", "PromptCodec", "REGISTRY", "Sample", "Task", "available", "contains_word",
     "make", "match_all", "register", "sample_rng",

@@ -49,7 +49,7 @@ from topklab.decoding.topk_attention import PER_CHOICES, check_k, topk_attention
 from topklab.indexers import make as make_indexer
 from topklab.io import read_table, write_table, write_text
 from topklab.models import DEFAULT_MODEL, load_model
-from topklab.tasks.base import PromptCodec, Sample, Task, make
+from topklab.tasks.base import PromptCodec, Sample, Task, make_with_filler
 
 log = logging.getLogger(__name__)
 
@@ -345,9 +345,7 @@ def _tasks(config: EvalConfig) -> list[Task]:
     from topklab.training.topk_sft import default_filler  # training imports the tasks: import it when needed
 
     filler = default_filler(config.model, config.filler)
-    tasks = [make(spec) for spec in config.tasks]
-    return [make(spec, filler=filler) if filler is not None and hasattr(task, "filler") else task
-            for spec, task in zip(config.tasks, tasks)]
+    return [make_with_filler(spec, filler) for spec in config.tasks]
 
 
 def _sample_key(config: EvalConfig, item: WorkItem, dtype: torch.dtype) -> str:

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from topklab.decoding.topk_attention import PER_CHOICES, check_k
 from topklab.decoding.topk_training_attention import topk_training_attention
 from topklab.io import write_table, write_text
-from topklab.tasks import PromptCodec, make
+from topklab.tasks import PromptCodec, make_with_filler
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +92,7 @@ class TaskData:
 
     def make_task(self, spec: str):
         """The task ``spec``, with its haystack text set to ``filler`` when it has one."""
-        task = make(spec)
-        if self.filler is not None and hasattr(task, "filler"):
-            task = make(spec, filler=self.filler)
-        return task
+        return make_with_filler(spec, self.filler)
 
 
 @dataclass
