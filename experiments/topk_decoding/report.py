@@ -163,6 +163,11 @@ def keys_attended(group: pd.DataFrame) -> float:
     return k if k >= 1 else k * float(group["context_tokens"].mean())
 
 
+def parse_k(text: str) -> int | float:
+    """"64" -> a key count, "0.02" -> a ratio of the context."""
+    return int(text) if text.isdigit() else float(text)
+
+
 def accuracy_by_task(results: pd.DataFrame, by: Sequence[str], seed: int = 0) -> pd.DataFrame:
     """`accuracy_table` per task, then pooled over the tasks (task "all")."""
     return pd.concat([accuracy_table(results, by, seed), accuracy_table(results.assign(task="all"), by, seed)],

@@ -25,6 +25,7 @@ from report import (  # noqa: E402
     build_tasks,
     evaluate,
     paired_difference,
+    parse_k,
     per_scope,
     set_threads,
     setting,
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     set_threads(args.threads)
-    ks = [int(k) if k.isdigit() else float(k) for k in args.k.split(",")]
+    ks = [parse_k(k) for k in args.k.split(",")]
     configs = configurations(["dense", "exact"], ks, per=args.per, record=args.record)
     tasks = build_tasks(args.tasks.split(","), default_filler(args.model, args.filler))
     lengths = [int(n) for n in args.lengths.split(",")]

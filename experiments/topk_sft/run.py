@@ -35,6 +35,7 @@ from report import (  # noqa: E402
     keys_attended,
     markdown,
     paired_difference,
+    parse_k,
     per_scope,
     plot_accuracy_vs_k,
     set_threads,
@@ -50,10 +51,6 @@ from topklab.training.topk_sft import TaskData, TopkSpec, TrainConfig, finetune,
 from topklab.training.zoo import is_zoo_checkpoint, load_config, load_zoo_model, train_zoo_model  # noqa: E402
 
 ARMS = ("dense-sft", "topk-sft")
-
-
-def parse_k(text: str) -> int | float:
-    return int(text) if text.isdigit() else float(text)
 
 
 def base_model(args, out: Path) -> str:
