@@ -2,8 +2,9 @@
 
 As in DeepSeek-V3.2-Exp: index queries and keys are Hadamard-rotated (outliers spread, q.k unchanged), stored as
 FP8 e4m3 with one fp32 scale per 128-element block, and scored on FP8 tensor cores. The torch reference computes
-the same sum in fp32 from the FP8 values; the Triton kernel streams each key tile once and runs one FP8 dot per
-query of the tile (all index heads of a query in one tile), so it reads 132 bytes per key at d = 128.
+the same sum in fp32 from the FP8 values; the Triton kernel streams each key tile once and scores it against the
+index heads of several queries in one FP8 product, so it reads 132 bytes per key at d = 128 (plus 4 per score
+written).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from topklab.kernels._triton import HAS_TRITON, cdiv, launch, next_pow2, tl, triton, use_triton
+from topklab.kernels.topk import _sm_count
 
 FP8_MAX = 448.0
 FP8_DTYPE = torch.float8_e4m3fn
@@ -102,7 +104,11 @@ def fp8_index_scores_reference(q_fp8, q_scale, k_fp8, k_scale, weights) -> torch
 
 
 def fp8_index_scores(q_fp8, q_scale, k_fp8, k_scale, weights) -> torch.Tensor:
-    """Same as :func:`fp8_index_scores_reference`: the Triton kernel on CUDA (FP8 tensor cores), torch elsewhere."""
+    """Same as :func:`fp8_index_scores_reference`: the Triton kernel on CUDA (FP8 tensor cores), torch elsewhere.
+
+    The kernel needs scales >= 0 (as :func:`quantize_fp8` makes them): it takes them out of the ReLU, and a
+    negative scale turns its query's (or key's) scores into NaN rather than into wrong numbers.
+    """
     q_scale, k_scale = _check_index_inputs(q_fp8, q_scale, k_fp8, k_scale, weights)
     if not use_triton(q_fp8):
         return fp8_index_scores_reference(q_fp8, q_scale, k_fp8, k_scale, weights)
@@ -111,39 +117,67 @@ def fp8_index_scores(q_fp8, q_scale, k_fp8, k_scale, weights) -> torch.Tensor:
     B, M, H, d = q_fp8.shape
     N = k_fp8.shape[1]
     out = torch.empty(B, M, N, dtype=torch.float32, device=q_fp8.device)
-    block_n, queries_per_program = 128, 8 if M >= 8 else M
-    launch(_fp8_index_kernel, (cdiv(N, block_n), cdiv(M, queries_per_program), B),
-           (q_fp8, q_scale, k_fp8, k_scale, weights, out, M, N, H, d),
-           dict(BLOCK_H=max(16, next_pow2(H)), BLOCK_N=block_n, BLOCK_D=max(32, next_pow2(d)),
-                QUERIES_PER_PROGRAM=queries_per_program), num_warps=4)
+    block_h = max(16, next_pow2(H))
+    # the index heads of up to `queries` queries side by side: one FP8 product of at most 256 columns a key tile
+    queries = max(1, min(next_pow2(M), MAX_PRODUCT_COLUMNS // block_h))
+    block_n, num_warps, num_stages, programs_per_sm = _tile_config(queries * block_h)
+    query_groups = cdiv(M, queries)
+    tiles = cdiv(N, block_n)
+    # a few programs per SM in all; each scores a run of key tiles against its queries, loaded once
+    programs = max(1, min(tiles, programs_per_sm * _sm_count(q_fp8.device) // (B * query_groups)))
+    tiles_per_program = cdiv(tiles, programs)
+    launch(_fp8_index_kernel, (cdiv(tiles, tiles_per_program), query_groups, B),
+           (q_fp8, q_scale, k_fp8, k_scale, weights, out, M, N, H, tiles_per_program),
+           dict(D=d, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=max(32, next_pow2(d)), QUERIES=queries),
+           num_warps=num_warps, num_stages=num_stages)
     return out
+
+
+MAX_PRODUCT_COLUMNS = 256  # one Hopper wgmma is at most 256 wide
+
+
+def _tile_config(columns: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, num_warps, num_stages, programs per SM) for a product of ``columns`` index heads."""
+    return (64, 4, 3, 2) if columns > 128 else (128, 4, 3, 4)
 
 
 if HAS_TRITON:
 
-    @triton.jit(do_not_specialize=["M", "N"])  # the index cache grows by one key a decode step: compile once
-    def _fp8_index_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, w_ptr, out_ptr, M, N, H, D,
-                          BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                          QUERIES_PER_PROGRAM: tl.constexpr):
-        """One key tile [BLOCK_N, d] per program, loaded once and scored against QUERIES_PER_PROGRAM queries."""
+    @triton.jit(do_not_specialize=["M", "N", "tiles_per_program"])  # the cache grows a key a step: compile once
+    def _fp8_index_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, w_ptr, out_ptr, M, N, H, tiles_per_program,
+                          D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                          QUERIES: tl.constexpr):
+        """A run of key tiles [BLOCK_N, d] of one sequence against the QUERIES x H index heads of a query group.
+
+        The heads of every query of the group are the columns of one FP8 product per key tile (keys as its rows,
+        so the sum over a query's heads runs along each thread's own columns). Since the scales are >= 0,
+        w * ReLU(q.k * s_q * s_k) = s_k * (w * s_q) * ReLU(q.k): a max and a fused multiply-add per product
+        element, the key scale once per row.
+        """
         pid_n, pid_m, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, QUERIES * BLOCK_H)  # column j: head j % BLOCK_H of query j // BLOCK_H of the group
+        m = pid_m * QUERIES + cols // BLOCK_H
+        h = cols % BLOCK_H
+        col_ok = (m < M) & (h < H)
+        head_row = ((b * M + m) * H + h).to(tl.int64)
         dd = tl.arange(0, BLOCK_D)
-        hh = tl.arange(0, BLOCK_H)
-        n_ok = n < N
-        keys = tl.load(k_ptr + (b * N + n[:, None]).to(tl.int64) * D + dd[None, :],
-                       mask=n_ok[:, None] & (dd[None, :] < D), other=0.0)
-        k_scale = tl.load(ks_ptr + b * N + n, mask=n_ok, other=0.0)
-        for i in range(QUERIES_PER_PROGRAM):
-            m = pid_m * QUERIES_PER_PROGRAM + i
-            row = (b * M + m).to(tl.int64)
-            h_ok = (hh < H) & ((hh * 0 + m) < M)
-            q = tl.load(q_ptr + (row * H + hh[:, None]) * D + dd[None, :], mask=h_ok[:, None] & (dd[None, :] < D),
-                        other=0.0)
-            q_scale = tl.load(qs_ptr + row * H + hh, mask=h_ok, other=0.0)
-            w = tl.load(w_ptr + row * H + hh, mask=h_ok, other=0.0)
-            # keys as the rows of the product: the sum over heads runs along each thread's own columns (plus a
-            # few lane shuffles) instead of across warps through shared memory
-            dots = tl.dot(keys, tl.trans(q))  # [BLOCK_N, BLOCK_H] fp32, FP8 tensor cores
-            head_scores = tl.maximum(dots * k_scale[:, None] * q_scale[None, :], 0.0) * w[None, :]
-            tl.store(out_ptr + row * N + n, tl.sum(head_scores, axis=1), mask=n_ok & ((n * 0 + m) < M))
+        q = tl.load(q_ptr + head_row[:, None] * D + dd[None, :], mask=col_ok[:, None] & (dd[None, :] < D), other=0.0)
+        q_scale = tl.load(qs_ptr + head_row, mask=col_ok, other=0.0)
+        head_weight = q_scale * tl.load(w_ptr + head_row, mask=col_ok, other=0.0)
+        head_weight = tl.where(q_scale >= 0, head_weight, float("nan"))
+        qt = tl.trans(q)
+        rows = tl.arange(0, BLOCK_N)
+        m_out = pid_m * QUERIES + tl.arange(0, QUERIES)
+        out_row = (b * M + m_out).to(tl.int64) * N
+        first = pid_n * tiles_per_program
+        for tile in range(first, tl.minimum(first + tiles_per_program, tl.cdiv(N, BLOCK_N))):
+            n = tile * BLOCK_N + rows
+            n_ok = n < N
+            keys = tl.load(k_ptr + (b * N + n[:, None]).to(tl.int64) * D + dd[None, :],
+                           mask=n_ok[:, None] & (dd[None, :] < D), other=0.0)
+            k_scale = tl.load(ks_ptr + b * N + n, mask=n_ok, other=0.0)
+            k_scale = tl.where(k_scale >= 0, k_scale, float("nan"))
+            dots = tl.dot(keys, qt)  # [BLOCK_N, QUERIES * BLOCK_H] fp32, FP8 tensor cores
+            weighted = tl.maximum(dots, 0.0) * head_weight[None, :]
+            scores = tl.sum(tl.reshape(weighted, (BLOCK_N, QUERIES, BLOCK_H)), axis=2) * k_scale[:, None]
+            tl.store(out_ptr + out_row[None, :] + n[:, None], scores, mask=n_ok[:, None] & (m_out[None, :] < M))
