@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 import math
 from dataclasses import dataclass
 
 import pytest
 import torch
 
+from topklab.decoding.generate import GreedyStep, greedy_generate
+from topklab.decoding.hf import cache_keyword, static_cache
 from topklab.decoding.topk_attention import (
     enable_topk_attention,
     masked_topk_attention,
@@ -41,7 +43,7 @@ def _prefill_then_step(model, prompt, rest) -> torch.Tensor:
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    keyword = cache_keyword(model)
     model(prompt, **{keyword: cache})
     return torch.cat([model(rest[:, i : i + 1], **{keyword: cache}).logits for i in range(rest.shape[1])], dim=1)
 
@@ -307,6 +309,125 @@ def test_right_padding_is_rejected():
     mask[0, -3:] = 0
     with topk_attention(model, "exact", k=4), pytest.raises(ValueError, match="left padding"):
         model(ids, attention_mask=mask)
+
+
+@contextlib.contextmanager
+def _no_host_reads():
+    """Every way a tensor's value reaches the host (a sync on CUDA, fatal inside a CUDA graph) raises instead."""
+    names = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+
+    def refuse(name):
+        def read(self, *args, **kwargs):
+            raise AssertionError(f"host read of a tensor value: Tensor.{name}")
+        return read
+
+    for name in names:
+        setattr(torch.Tensor, name, refuse(name))
+    try:
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+@pytest.mark.parametrize("options", [
+    None,  # dense: the static-cache helper itself
+    dict(k=4, per="head"),
+    dict(k=4, per="group", prefill="sparse"),  # sparse prefill: transformers passes no mask, the cache its buffer
+    dict(k=0.2, per="head", sinks=1, window=2),  # host path: ratio k, sinks and window
+    dict(k=4, per="layer"),
+], ids=["dense", "head", "group-sparse-prefill", "ratio-sinks-window", "layer"])
+def test_static_cache_decoding_equals_dynamic_cache(options):
+    model = _model("llama")
+    ids = _prompt(40, seed=20, batch=2)
+    with topk_attention(model, "exact", **options) if options else contextlib.nullcontext():
+        dynamic = _generate(model, ids, steps=10)
+        static = greedy_generate(model, ids, 10, max_cache_len=64)
+    assert torch.equal(static, dynamic)
+    if options:
+        assert not torch.equal(static, _generate(model, ids, steps=10)), "small k should change the tokens"
+
+
+@torch.no_grad()
+def _poisoned_static_step(model, ids, max_cache_len: int, cuda_graph: bool = False) -> GreedyStep:
+    """A static cache prefilled with ``ids``, its unwritten positions filled with large random keys and values (a
+    step that attends past the valid length picks them), and the `GreedyStep` that continues from it."""
+    cache = static_cache(model, max_cache_len)
+    prefill = model(ids, use_cache=True, logits_to_keep=1, **{cache_keyword(model): cache})
+    generator = torch.Generator(device=ids.device).manual_seed(5)
+    for layer in cache.layers:
+        for buffer in (layer.keys, layer.values):
+            tail = buffer[:, :, ids.shape[1]:]
+            tail.copy_(50 * torch.randn(tail.shape, generator=generator, device=ids.device))
+    return GreedyStep(model, cache, prefill.logits[:, -1:].argmax(-1), cuda_graph=cuda_graph)
+
+
+@pytest.mark.parametrize("per", ["head", "group"])
+def test_static_decode_steps_read_nothing_on_the_host(per):
+    """What makes a step capturable in a CUDA graph: after the prefill, no tensor value is read on the host, and
+    the valid length still comes through (the cache's unwritten positions are poisoned)."""
+    model = _model("qwen3")
+    ids = _prompt(30, seed=21)
+    with topk_attention(model, "exact", k=5, per=per) as handle:
+        assert handle.sync_free_decode
+        step = _poisoned_static_step(model, ids, 48)
+        with _no_host_reads():
+            steps = [step().clone() for _ in range(6)]
+        assert torch.equal(torch.cat(steps, 1), _generate(model, ids, steps=7)[:, 1:])
+    with topk_attention(model, "exact", k=5, per=per, sinks=1) as handle:
+        assert not handle.sync_free_decode
+        step = _poisoned_static_step(model, ids, 48)
+        with _no_host_reads(), pytest.raises(AssertionError, match="host read"):
+            step()
+
+
+def test_left_padded_batch_with_static_cache_equals_dynamic_cache():
+    model = _model("mistral")
+    lengths = [30, 22, 17]
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, width - n:] = _prompt(n, seed=30 + row)[0]
+        mask[row, width - n:] = 1
+    for options in (dict(k=4, per="head"), dict(k=0.25, per="group", sinks=1, window=2)):
+        with topk_attention(model, "exact", **options) as handle:
+            dynamic = _generate(model, ids, steps=8, attention_mask=mask)
+            static = _generate(model, ids, steps=8, attention_mask=mask, cache_implementation="static")
+            assert handle._layout == (0, 8, 13)  # padded: every step reads the mask on the host
+        assert torch.equal(static, dynamic), options
+
+
+def test_greedy_decoding_rejects_bad_input():
+    model = _model("llama")
+    ids = _prompt(10, seed=22)
+    cache = static_cache(model, 16)
+    with pytest.raises(ValueError, match="CUDA device"):
+        GreedyStep(model, cache, ids[:, -1:], cuda_graph=True)
+    with pytest.raises(ValueError, match=r"\[batch, 1\]"):
+        GreedyStep(model, cache, ids)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        greedy_generate(model, ids, 0)
+    with pytest.raises(ValueError, match="cannot hold"):
+        greedy_generate(model, ids, 8, max_cache_len=12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("per,batch", [(None, 1), ("head", 1), ("head", 2), ("group", 1)])
+def test_cuda_graph_static_decode_equals_eager(per, batch):
+    """Steps replayed from a CUDA graph (static cache, device lengths, Triton kernels) give the eager tokens."""
+    model = tiny_model("llama", layers=2, hidden=256, heads=8, kv_heads=2).cuda()
+    ids = _prompt(700, seed=23, batch=batch).cuda()
+    with topk_attention(model, "exact", k=64, per=per) if per else contextlib.nullcontext():
+        dynamic = _generate(model, ids, steps=16)[:, 1:]
+        eager, graphed = (_poisoned_static_step(model, ids, 768, cuda_graph=graph) for graph in (False, True))
+        eager_tokens = torch.cat([eager().clone() for _ in range(15)], 1)
+        graphed_tokens = torch.cat([graphed().clone() for _ in range(15)], 1)
+    assert graphed.graph is not None and eager.graph is None
+    assert torch.equal(graphed_tokens, eager_tokens)
+    assert torch.equal(eager_tokens, dynamic)
 
 
 @pytest.mark.slow

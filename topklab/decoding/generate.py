@@ -1,4 +1,5 @@
-"""`topklab generate --indexer SPEC --k K "prompt"`: greedy generation with Top-k attention on a model."""
+"""`topklab generate --indexer SPEC --k K "prompt"`: greedy generation with Top-k attention on a model, and greedy
+decoding over a static KV cache whose step can be replayed as a CUDA graph (no host work per token)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,85 @@ import logging
 
 import torch
 
+from topklab.decoding.hf import cache_keyword, static_cache
 from topklab.decoding.topk_attention import PER_CHOICES, PREFILL_CHOICES, check_k, topk_attention
+from topklab.kernels.topk import clear_scratch
 from topklab.models import DEFAULT_MODEL, load_model
 
 log = logging.getLogger(__name__)
+
+
+class GreedyStep:
+    """One greedy decode step over a static cache: each call feeds ``token [B, 1]``, appends it to ``cache`` and
+    writes the next token into the same buffer (returned; clone it to keep it).
+
+    With ``cuda_graph`` the first ``warmup`` calls run eagerly (kernels compile, buffers settle), the next one
+    captures the step in a CUDA graph and runs it, and every later call replays the graph: one launch per token, no
+    host work inside. The model's attention must not read device values on the host during a step: dense SDPA and
+    `topk_attention` with the plain exact indexer on an unpadded batch qualify. The cache must be a transformers
+    ``StaticCache`` without sliding-window layers (theirs keep their position in a Python int).
+    """
+
+    def __init__(self, model: torch.nn.Module, cache, token: torch.Tensor, *, cuda_graph: bool = False,
+                 warmup: int = 2):
+        if cuda_graph and token.device.type != "cuda":
+            raise ValueError(f"a CUDA graph needs the model on a CUDA device, got tokens on {token.device}")
+        if cuda_graph and any(layer.is_sliding for layer in cache.layers):
+            raise ValueError("CUDA-graph decoding needs a cache without sliding-window layers (their position is a "
+                             "Python int that a graph would freeze)")
+        if token.dim() != 2 or token.shape[1] != 1:
+            raise ValueError(f"token must be [batch, 1] (the last token of each sequence), got {tuple(token.shape)}")
+        self.model, self.cache = model, cache
+        self.token = token.clone()
+        self.cuda_graph, self.warmup = cuda_graph, warmup
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._keyword = cache_keyword(model)
+        self._calls = 0
+
+    @torch.no_grad()
+    def _step(self) -> None:
+        out = self.model(input_ids=self.token, use_cache=True, logits_to_keep=1, **{self._keyword: self.cache})
+        self.token.copy_(out.logits[:, -1:].argmax(-1))
+
+    def __call__(self) -> torch.Tensor:
+        self._calls += 1
+        if self.graph is not None:
+            self.graph.replay()
+        elif not self.cuda_graph or self._calls <= self.warmup:
+            self._step()
+        else:
+            self._capture()
+            self.graph.replay()
+        return self.token
+
+    def _capture(self) -> None:
+        # the kernels' scratch buffers are kept per stream; freeing them first makes the capture allocate its own
+        # inside the graph's private memory pool, which lives as long as the graph (cached ones could be freed or
+        # reused under it). Capturing does not run the step, so the cache does not advance.
+        clear_scratch()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, stream=torch.cuda.Stream()):
+            self._step()
+
+
+@torch.no_grad()
+def greedy_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *,
+                    cuda_graph: bool = False, max_cache_len: int | None = None) -> torch.Tensor:
+    """Greedy continuation ``[B, max_new_tokens]`` of an unpadded batch ``input_ids [B, T]`` over a static cache
+    (prefill eager, then `GreedyStep`); with ``cuda_graph`` the steps are replayed from a CUDA graph. The tokens
+    equal ``model.generate(..., do_sample=False)`` without early stopping."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    length = input_ids.shape[1] + max_new_tokens
+    if max_cache_len is not None and max_cache_len < length:
+        raise ValueError(f"max_cache_len = {max_cache_len} cannot hold the prompt and {max_new_tokens} new tokens "
+                         f"({length} positions)")
+    cache = static_cache(model, max_cache_len or length)
+    out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{cache_keyword(model): cache})
+    step = GreedyStep(model, cache, out.logits[:, -1:].argmax(-1), cuda_graph=cuda_graph)
+    tokens = [step.token.clone()]
+    tokens += [step().clone() for _ in range(max_new_tokens - 1)]
+    return torch.cat(tokens, dim=1)
 
 
 def parse_k(text: str) -> int | float:
@@ -52,10 +128,15 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     parser.add_argument("--compare-dense", action="store_true", help="also generate with dense attention")
     parser.add_argument("--record", metavar="CSV", help="write per-step recall / mass recall to this CSV file")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="decode over a static cache with each step replayed from a CUDA graph (CUDA only; "
+                             "Top-k needs the exact indexer with an int k and no sinks, window or recording)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    if args.cuda_graph and not str(args.device).startswith("cuda"):
+        raise ValueError(f"--cuda-graph needs a CUDA --device, got {args.device!r}")
     model, tokenizer = load_model(args.model, device=args.device)
     if tokenizer is None:
         raise ValueError(f"model {args.model!r} has no tokenizer (tiny test models take token ids, not text)")
@@ -67,13 +148,20 @@ def run_generate(args: argparse.Namespace) -> int:
     encoded = tokenizer(text, return_tensors="pt").to(args.device)
 
     def generate() -> str:
-        out = model.generate(**encoded, max_new_tokens=args.max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-        return tokenizer.decode(out[0, encoded.input_ids.shape[1]:], skip_special_tokens=True)
+        if args.cuda_graph:
+            new = greedy_generate(model, encoded.input_ids, args.max_new_tokens, cuda_graph=True)[0]
+        else:
+            out = model.generate(**encoded, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+            new = out[0, encoded.input_ids.shape[1]:]
+        return tokenizer.decode(new, skip_special_tokens=True)
 
     options = dict(k=args.k, per=args.per, sinks=args.sinks, window=args.window, dense_layers=args.dense_layers,
                    prefill=args.prefill, record=bool(args.record))
     with torch.no_grad(), topk_attention(model, args.indexer, **options) as handle:
+        if args.cuda_graph and not handle.sync_free_decode:
+            raise ValueError("--cuda-graph needs decode steps with no host sync: the exact indexer, an int --k, "
+                             "per head or group, no --sinks, --window or --record")
         sparse = generate()
     print(f"[{args.indexer}, k={args.k}, per={handle.per}] {sparse}")
     if args.compare_dense:

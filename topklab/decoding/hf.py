@@ -10,6 +10,7 @@ the mask arrives as None and left-padded batches go wrong) and restore the model
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 from collections.abc import Callable, Iterator
 
@@ -37,6 +38,22 @@ def _transformers():
 def dense_attention(module, query, key, value, attention_mask, **kwargs):
     """transformers' own SDPA attention: the dense path hooks fall back to."""
     return _transformers()[2](module, query, key, value, attention_mask, **kwargs)
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword ``model.forward`` takes its KV cache by: ``cache`` in recent transformers, ``past_key_values``
+    before (5.17 and older)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def static_cache(model: torch.nn.Module, max_cache_len: int):
+    """A transformers ``StaticCache`` of ``max_cache_len`` positions for ``model`` (allocated on its first update).
+
+    Its buffers keep their address and its length lives on the device, so a decode step over it can be captured in a
+    CUDA graph; the attention then sees the whole buffer with a mask marking the written positions."""
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config, max_cache_len=max_cache_len)
 
 
 def check_supported(model: torch.nn.Module) -> None:

@@ -26,6 +26,13 @@ each decode step; rebuilt only when a new sequence starts. Padded keys are never
 indexer (per head or group) needs no index: it selects straight from the KV cache with `topklab.kernels.topk`
 (Triton on CUDA), fused with the attention when there are no sinks, window, padding or recording. Attention over
 the selection is `topklab.kernels.sparse_decode_attention` (Triton on CUDA, its torch reference elsewhere).
+
+Static caches and CUDA graphs: with a transformers ``StaticCache`` every call sees the whole preallocated buffer
+and a mask marking the written positions. Reading the valid range from that mask costs a host sync, so once a
+batch is known to have no left padding (from its prefill, or the first decode step), decode steps of the plain
+exact indexer (an int k, per head or group, no sinks, window or recording) take the valid lengths from the mask on
+the device and hand them to the kernel: such a step has no host sync and can be captured in a CUDA graph
+(`topklab.decoding.generate.GreedyStep`). Every other configuration reads the mask on the host as before.
 """
 
 from __future__ import annotations
@@ -126,12 +133,17 @@ class TopkAttention:
         self._vectorised_prefill = self.source == "qk" and all(t.name == "exact" for t in self._templates.values())
         # the plain exact indexer reads the KV cache itself (no copy of the keys to build or extend)
         self._from_cache = self.per != "layer" and all(type(t) is Exact for t in self._templates.values())
+        #: decode steps of an unpadded batch read nothing on the host, so they can be captured in a CUDA graph
+        self.sync_free_decode = (self._from_cache and not record and not sinks and not window
+                                  and isinstance(self.k, int))
         self.recorder = FidelityRecorder() if record else None
         self._states: dict[int, _LayerState] = {}
         self._hidden: dict[int, KeyBuffer] = {}
         self._hidden_now: dict[int, torch.Tensor] = {}
         self._steps: dict[int, int] = {}
         self._last_mask: tuple[torch.Tensor | None, tuple] = (None, ())
+        self._last_lengths: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+        self._layout: tuple[int, ...] | None = None  # each sequence's first valid key, as last read on the host
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(attention_hook(model, self.attention))
         if self.source == "hidden":
@@ -152,6 +164,8 @@ class TopkAttention:
         self._hidden_now.clear()
         self._steps.clear()
         self._last_mask = (None, ())
+        self._last_lengths = (None, None)
+        self._layout = None
 
     def __enter__(self) -> "TopkAttention":
         return self
@@ -169,30 +183,50 @@ class TopkAttention:
         if kwargs.get("softcap") is not None:
             raise ValueError("Top-k attention does not support attention logit soft-capping (softcap)")
         q_len = query.shape[2]
-        starts, end = self._valid_range(attention_mask, key.shape[2], query.shape[0])
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        if q_len == 1 and self.sync_free_decode and self._layout == (0,) * query.shape[0]:
+            self._steps[layer] = self._steps.get(layer, 0) + 1
+            return self._device_step(module, query, key, value, attention_mask, scale, dense)
+        starts, end = self._valid_range(attention_mask, key.shape[2], query.shape[0], q_len)
         if end == q_len:  # nothing was cached before this call: a new sequence
             self._states.pop(layer, None)
             self._steps[layer] = 0
         hidden = self._hidden_history(layer, q_len, end) if self.source == "hidden" else None
         if q_len > 1 and self.prefill == "dense":
             return dense_attention(module, query, key, value, attention_mask, **dense)
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         if q_len > 1:
             return self._sparse_prefill(layer, query, key, value, starts, end, hidden, scale), None
         out = self._step(layer, query, key, value, starts, end, hidden, scale, record=self.recorder is not None)
         self._steps[layer] = self._steps.get(layer, 0) + 1
         return out, None
 
-    def _valid_range(self, mask, kv_len: int, batch: int) -> tuple[tuple[int, ...], int]:
-        """(first valid key of each sequence, one past the newest key) from the mask of the last query position."""
+    def _device_step(self, module, query, key, value, mask, scale, dense):
+        """A decode step of the plain exact indexer over an unpadded batch, with no host sync: the valid lengths
+        stay on the device (None without a mask: every key is valid), so the step can run inside a CUDA graph."""
+        if self.k >= key.shape[2]:  # k covers every key the cache can hold: dense attention, same mask
+            return dense_attention(module, query, key, value, mask, **dense)
+        lengths = None if mask is None else self._device_lengths(mask, key.shape[2], query.shape[0])
+        out = kernels.topk_attention(query[:, :, 0], key, value, self.k, scale=scale, lengths=lengths,
+                                     per_kv_head=self.per == "group")
+        return out[:, None], None
+
+    def _device_lengths(self, mask: torch.Tensor, kv_len: int, batch: int) -> torch.Tensor:
+        """Valid keys per sequence ``[B]`` on the device, counted from the mask (keys [0, length) when unpadded)."""
+        if mask is not self._last_lengths[0]:  # every layer of one forward pass gets the same mask
+            self._last_lengths = (mask, _visible(mask, kv_len).sum(-1).expand(batch))
+        return self._last_lengths[1]
+
+    def _valid_range(self, mask, kv_len: int, batch: int, q_len: int) -> tuple[tuple[int, ...], int]:
+        """(first valid key of each sequence, one past the newest key) from the mask of the last query position.
+
+        transformers passes no mask for a causal prefill from an empty cache without padding; a static cache then
+        hands over its whole buffer, of which the prompt fills the first ``q_len`` positions."""
         if mask is None:
-            return (0,) * batch, kv_len
+            self._layout = (0,) * batch
+            return self._layout, q_len if q_len > 1 else kv_len
         if mask is self._last_mask[0]:  # every layer of one forward pass gets the same mask
             return self._last_mask[1]
-        row = mask[:, 0, -1, :kv_len]
-        if row.dtype != torch.bool:
-            row = row > torch.finfo(row.dtype).min / 2
-        row = row.expand(batch, -1).int()
+        row = _visible(mask, kv_len).expand(batch, -1).int()
         last = kv_len - 1 - row.flip(-1).argmax(-1)
         counts, firsts, lasts = torch.stack([row.sum(-1), row.argmax(-1), last]).tolist()
         for seq, (count, first, last) in enumerate(zip(counts, firsts, lasts)):
@@ -207,6 +241,7 @@ class TopkAttention:
             raise ValueError("the sequences of the batch end at different cache positions; use left padding")
         result = (tuple(firsts), lasts[0] + 1)
         self._last_mask = (mask, result)
+        self._layout = result[0]
         return result
 
     # -- hidden states for source="hidden" indexers ----------------------------------------------------------
@@ -376,6 +411,12 @@ def _template(indexer: IndexerChoice, layer: int) -> Indexer:
         "indexer must be a spec string, an Indexer or a {layer: spec or Indexer} mapping, "
         f"got {type(indexer).__name__}"
     )
+
+
+def _visible(mask: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """The keys the last query position may attend to, ``[B or 1, kv_len]`` bool, from a bool or additive mask."""
+    row = mask[:, 0, -1, :kv_len]
+    return row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
 
 
 def _groups(starts: tuple[int, ...], device) -> list[tuple[int, slice | torch.Tensor, list[int]]]:
