@@ -125,8 +125,13 @@ def decode(model, cache, token, steps: int, timer: AttentionTimer, warmup: int, 
 def crop(cache, prompt_len: int) -> None:
     """Back to the prompt (a static cache reports its length as a device tensor)."""
     extra = int(cache.get_seq_length()) - prompt_len
-    if extra:
+    if not extra:
+        return
+    if all(hasattr(layer, "crop") for layer in cache.layers):
         cache.crop(-extra)  # negative: drop that many tokens (transformers 4.x and 5.x agree on this form)
+    else:  # transformers 5.17's StaticLayer has no crop; its length is a device counter
+        for layer in cache.layers:
+            layer.cumulative_length.sub_(extra)
 
 
 def run_mode(model, cache, prompt_len, token, mode, args) -> dict:
