@@ -109,10 +109,12 @@ def bench_topk(bw: float, batches, lengths_n, rows: list[str]) -> None:
             for k in sorted({64, 2048, n // 16}):
                 ours = graph_time(lambda q, keys: topk(q, keys, k, sorted=False), sets)
                 ours_sorted = graph_time(lambda q, keys: topk(q, keys, k, sorted=True), sets)
+                per_kv = graph_time(lambda q, keys: topk(q, keys, k, sorted=False, per_kv_head=True), sets)
                 plain = graph_time(lambda q, keys: plain_topk(q, keys, k), sets)
                 eager = eager_time(lambda q, keys: topk(q, keys, k, sorted=False), sets[0])
                 rows.append(f"| {batch} | {n // 1024}K | {k} | {floor * 1e6:.1f} | {ours * 1e6:.1f} | "
-                            f"{ours / floor:.2f} | {ours_sorted * 1e6:.1f} | {eager * 1e6:.1f} | {plain * 1e6:.1f} | "
+                            f"{ours / floor:.2f} | {per_kv * 1e6:.1f} | {per_kv / floor:.2f} | {ours_sorted * 1e6:.1f} | "
+                            f"{eager * 1e6:.1f} | {plain * 1e6:.1f} | "
                             f"{plain / ours:.2f} |")
                 print(rows[-1], flush=True)
             del sets
@@ -175,8 +177,9 @@ def main() -> None:
         batches = tuple(int(b) for b in args.batches.split(","))
     if args.lengths:
         lengths_n = tuple(int(n) for n in args.lengths.split(","))
-    topk_rows = ["| batch | N | k | K-read floor us | ours us | ours/floor | ours sorted us | ours eager us | "
-                 "q.K^T+torch.topk us | torch/ours |", "|---|---|---|---|---|---|---|---|---|---|"]
+    topk_rows = ["| batch | N | k | K-read floor us | ours us | ours/floor | ours per KV head us | /floor | "
+                 "ours sorted us | ours eager us | q.K^T+torch.topk us | torch/ours |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(header + topk_rows), flush=True)
     bench_topk(bw, batches, lengths_n, topk_rows)
     attn_rows = ["| batch | N | k | K+V floor us | dense SDPA us | select+attend (per q head) us | /SDPA | "

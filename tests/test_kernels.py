@@ -197,6 +197,32 @@ def test_topk_leaves_its_workspace_zeroed_for_the_next_call(kernels, rng):
     _check_topk_close(again, kernels.topk.topk_reference(q, keys, 20, lengths=lengths), q, keys, lengths=lengths)
 
 
+@pytest.mark.parametrize("per_kv_head", [False, True])
+def test_topk_rescans_a_row_when_the_sampled_threshold_misses(kernels, rng, monkeypatch, per_kv_head):
+    """A threshold placed too high (here: forced to about the row's maximum) leaves fewer than k candidates: the
+    finalize must rescan the row and still return the exact Top-k, also for rows shorter than the sample."""
+    monkeypatch.setattr(kernels.topk, "SAMPLE_SLACK", -1e6)
+    q, keys = _randn(rng, 2, 4, 32), _randn(rng, 2, 2, 5000, 32)  # 5000 > SAMPLE keys: sampled rows
+    lengths = torch.tensor([5000, 700])
+    got = kernels.topk.topk(q, keys, 64, lengths=lengths, per_kv_head=per_kv_head)
+    ref = kernels.topk.topk_reference(q, keys, 64, lengths=lengths, per_kv_head=per_kv_head)
+    _check_topk_close(got, ref, q, keys, lengths=lengths, per_kv_head=per_kv_head)
+    workspace = kernels.topk._SCRATCH[kernels.topk._scratch_key(q.device)]["workspace"]
+    assert not bool(workspace.any())
+
+
+def test_topk_sample_rank_bounds_the_miss_probability():
+    """The threshold's rank: exact (k) when every key is sampled, otherwise above the expected number of top-k
+    hits in the sample by >= 5 standard deviations, and never more than the sample."""
+    from topklab.kernels.topk import SAMPLE, _sample_rank
+
+    assert _sample_rank(37, SAMPLE) == 37 and _sample_rank(1, 10) == 1
+    for n, k in ((131072, 64), (131072, 2048), (524288, 32768), (SAMPLE + 1, SAMPLE)):
+        lam = k * SAMPLE / n
+        rank = _sample_rank(k, n)
+        assert rank <= SAMPLE and (rank == SAMPLE or rank > lam + 5 * lam**0.5)
+
+
 def test_topk_folded_queries_and_unsorted_output(kernels, rng):
     q, keys = _randn(rng, 2, 3, 5, 32), _randn(rng, 2, 3, 400, 32)  # [*, M, d] with [*, N, d]
     ref = kernels.topk.topk_reference(q, keys, 20)

@@ -1,24 +1,25 @@
 """Exact Top-k selection for one decode step, near the cost of reading K once.
 
-A few small kernels instead of q.K^T + torch.topk (which reads the scores many times with one block per row):
+Three kernels instead of q.K^T + torch.topk (which writes the scores, then reads them many times with one block per
+row):
 
-1. ``_score_kernel`` streams K once (many programs per KV head), scores the G query heads of the group on the
-   tensor cores, writes the fp32 scores (4*G bytes per key against 2*d to read the key) and the maximum of every
-   block of ``bs`` keys (with large blocks it also adds their top 7 bits to the level-0 histogram, saving a launch).
-2. ``_block_histogram_kernel`` (bits 31..25, then 24..18 inside the level-0 bin that holds the k-th largest)
-   histograms the block maxima of each row with atomics, which gives a value ``v`` with at least k block maxima
-   >= v. Since the blocks are disjoint, at least k keys score >= v: no key of the Top-k is below v, and with >= 4k
-   blocks only about 1.15k keys pass.
-3. ``_collect_kernel`` reads only the blocks whose maximum is >= v (about a quarter of the scores) and appends
-   their keys scoring >= v to a candidate list (one atomic per program), keeping the candidates' key range.
-4. ``_finalize_kernel`` (one program per row) finds the exact k-th largest candidate by narrowing radix histograms
-   over that range (7 bits a pass, the candidates held in registers; ties go to the lower index), writes the k
-   winners and zeroes the row's workspace for the next call.
+1. ``_threshold_kernel`` scores a stratified sample of SAMPLE keys per row and takes a value ``t`` that about
+   ``lam + 5 sqrt(lam) + 5`` samples reach (lam = the expected number of the row's top k in the sample): with
+   overwhelming probability at least k keys score >= t, and only about 1.2-3k of them do (every key is sampled
+   when the row holds at most SAMPLE keys: then t is the exact k-th score).
+2. ``_score_kernel`` streams K once (many programs per KV head), scores the G query heads of the group on the
+   tensor cores and appends only the keys scoring >= t to the row's candidates (one atomic per row and tile). No
+   score is written: the pass moves K's bytes and little else.
+3. ``_finalize_kernel`` (one program per row) finds the exact k-th largest candidate by narrowing radix histograms
+   over [t, largest candidate] (7 bits a pass, the candidates held in registers; ties go to the lower index),
+   writes the k winners and zeroes the row's workspace for the next call. Where fewer than k keys reached t (a
+   5-sigma miss, or inputs built against the sample), it rescans the row and selects among every key: slower,
+   still exact.
 
-Scratch buffers (scores, block maxima, candidates, and the workspace of histograms and counters) are kept per device
-and stream and reused; the workspace is all zeros between calls, so no memset is launched. Scores and indices come
-back unordered unless ``sorted=True`` (a torch sort of the k winners). Scores are compared through an integer key
-whose signed order is the float order, so every step is exact.
+Scratch buffers (samples, thresholds, candidates, the workspace of counters) are kept per device and stream and
+reused; the workspace is all zeros between calls, so no memset is launched. Scores and indices come back unordered
+unless ``sorted=True`` (a torch sort of the k winners). Scores are compared through an integer key whose signed
+order is the float order, and every kernel scores a key the same way, so every step is exact.
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ import torch
 from topklab.checks import check_k
 from topklab.kernels._triton import HAS_TRITON, cdiv, interpreting, launch, next_pow2, tl, triton, use_triton
 
-HIST_BINS = 128  # 7 radix bits a level: the block-maxima levels use bits 31..25 and 24..18
-# per row: level-0 and level-1 histograms, candidate count, largest and smallest candidate
-WORKSPACE_WIDTH = 2 * HIST_BINS + 3
-# the score pass adds block maxima to the level-0 histogram itself (saving a launch) when blocks hold at least this
-# many keys: with smaller blocks its atomics cost more than the launch (H100: +6.7 us at N = 8K, blocks of 1)
-HIST0_IN_SCORE_MIN_BLOCK = 32
+HIST_BINS = 128  # 7 radix bits a finalize pass
+# per row: candidate count, largest candidate key (both zero between calls), padded to a 128-byte line of its own:
+# the count takes an atomic per candidate, and counters sharing a line serialise each other (H100: up to 2x slower)
+WORKSPACE_WIDTH = 32
+SAMPLE = 4096  # keys sampled per row to place its candidate threshold
+# the threshold's rank among the samples: lam + SAMPLE_SIGMAS * sqrt(lam) + SAMPLE_SLACK (see _sample_rank)
+SAMPLE_SIGMAS, SAMPLE_SLACK = 5.0, 5.0
+THRESHOLD_WARPS = 4  # the bisection over one row's samples (1 and 4 warps measured within 3% on the H100)
 MAX_GROUP_BLOCK = 64  # query rows scored together against one key tile
 
 
@@ -143,54 +146,61 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, row_lengths: torch.Tenso
     block_n = 64 if k3.dtype == torch.float32 else 128
     block_m = max(16, next_pow2(min(m, MAX_GROUP_BLOCK)))
     m_blocks = cdiv(m, block_m)
-    # >= 4k blocks (so ~1.15k candidates), at most one tile per block
-    block_size = max(1, min(block_n, _prev_pow2(n // (4 * k)) if n >= 4 * k else 1))
-    n_blocks = cdiv(n, block_size)
     # row strides padded to 16 so that Triton's divisibility specialisation stays fixed as N grows while decoding
     # (N itself is not specialised): one compilation per configuration, vectorised row accesses
-    row_stride, bmax_stride = _round16(n), _round16(n_blocks)
+    row_stride = _round16(n)
     splits = max(1, min(cdiv(n, block_n), cdiv(4 * _sm_count(device), n_lead * m_blocks)))
     per_split = cdiv(cdiv(n, splits), block_n) * block_n
     has_lengths = row_lengths is not None
     lengths_arg = row_lengths if has_lengths else q3  # unused pointer when there are no lengths
     dot_fp32 = k3.dtype == torch.float32 or q3.dtype == torch.float32 or interpreting() or q3.dtype != k3.dtype
+    tile = dict(D=d, BLOCK_D=max(16, next_pow2(d)), BLOCK_M=block_m, BLOCK_N=block_n, REDUCE_GROUP=per_kv_head,
+                DOT_FP32=dot_fp32, HAS_LENGTHS=has_lengths)
 
-    scores = _scratch(device, "scores", (rows, row_stride), torch.float32)
-    block_max = _scratch(device, "block_max", (rows, bmax_stride), torch.float32)
+    samples = _scratch(device, "samples", (rows, SAMPLE), torch.float32)
+    thresholds = _scratch(device, "thresholds", (rows,), torch.int32)
     candidates = _scratch(device, "candidates", (rows, row_stride), torch.int64)
     workspace = _scratch(device, "workspace", (rows, WORKSPACE_WIDTH), torch.int32, zeroed=True)
     out_scores = torch.empty(rows, k, dtype=torch.float32, device=device)
     out_indices = torch.empty(rows, k, dtype=torch.int64, device=device)
-    block_t, block_c = 2048, 4096
-    hist0_in_score = block_size >= HIST0_IN_SCORE_MIN_BLOCK
-    # with blocks of one key, "only the blocks reaching the threshold" is every key: read the scores once
-    skip = block_size > 1
     try:
+        launch(_sample_kernel, (n_lead * m_blocks, SAMPLE // block_n),
+               (q3, k3, lengths_arg, samples, n, m, k3.stride(0), k3.stride(1)), dict(**tile, SAMPLE=SAMPLE),
+               num_warps=4)
+        launch(_threshold_kernel, (rows,), (samples, lengths_arg, thresholds, n, k, rows_per_kv),
+               dict(HAS_LENGTHS=has_lengths, SAMPLE=SAMPLE, SIGMAS=SAMPLE_SIGMAS, SLACK=SAMPLE_SLACK),
+               num_warps=THRESHOLD_WARPS)
         launch(_score_kernel, (n_lead * m_blocks, cdiv(n, per_split)),
-               (q3, k3, lengths_arg, scores, block_max, workspace, n, m, k3.stride(0), k3.stride(1), per_split,
-                n_blocks, row_stride, bmax_stride),
-               dict(D=d, BLOCK_D=max(16, next_pow2(d)), BLOCK_M=block_m, BLOCK_N=block_n, BS=block_size,
-                    NB=HIST_BINS, REDUCE_GROUP=per_kv_head, DOT_FP32=dot_fp32, HAS_LENGTHS=has_lengths,
-                    HIST0=hist0_in_score),
-               num_warps=8 if block_n == 128 else 4)
-        for level in (1,) if hist0_in_score else (0, 1):
-            launch(_block_histogram_kernel, (rows, cdiv(n_blocks, block_t)),
-                   (block_max, lengths_arg, workspace, n, n_blocks, bmax_stride, k, rows_per_kv),
-                   dict(LEVEL=level, BS=block_size, NB=HIST_BINS, BLOCK_T=block_t, HAS_LENGTHS=has_lengths),
-                   num_warps=8)
-        launch(_collect_kernel, (rows, cdiv(n, block_c)),
-               (scores, block_max if skip else scores, lengths_arg, workspace, candidates, n, row_stride,
-                bmax_stride if skip else row_stride, k, rows_per_kv),
-               dict(BS=block_size if skip else 1, NB=HIST_BINS, BLOCK_C=block_c, HAS_LENGTHS=has_lengths),
-               num_warps=8)
+               (q3, k3, lengths_arg, thresholds, candidates, workspace, n, m, k3.stride(0), k3.stride(1), per_split,
+                row_stride),
+               dict(**tile, WIDTH=WORKSPACE_WIDTH), num_warps=8 if block_n == 128 else 4)
         launch(_finalize_kernel, (rows,),
-               (candidates, workspace, lengths_arg, out_scores, out_indices, n, row_stride, k, rows_per_kv),
-               dict(NB=HIST_BINS, BLOCK_F=min(4096, max(256, next_pow2(2 * k))), HAS_LENGTHS=has_lengths),
-               num_warps=8)
+               (q3, k3, lengths_arg, thresholds, candidates, workspace, out_scores, out_indices, n, m, k,
+                k3.stride(0), k3.stride(1), row_stride),
+               dict(**tile, NB=HIST_BINS, BLOCK_F=_finalize_block(n, k), WIDTH=WORKSPACE_WIDTH), num_warps=8)
     except BaseException:
         _SCRATCH.get(_scratch_key(device), {}).pop("workspace", None)  # a failed launch can leave it dirty
         raise
     return out_scores, out_indices
+
+
+def _sample_rank(k: int, length: int) -> int:
+    """Rank r of the threshold among a row's sampled scores: with ``s`` of ``length`` keys sampled, the r-th
+    largest sample leaves fewer than k keys above it only if r of the samples hit the row's top k - 1, a count of
+    mean lam = k * s / length, so r = lam + SAMPLE_SIGMAS * sqrt(lam) + SAMPLE_SLACK makes that a > 5-sigma event
+    (then the finalize rescans the row). About r * length / s keys pass. Every key sampled: r = k, exact. The
+    threshold kernel computes the same rank per row on the device; this copy sizes the finalize."""
+    s = min(length, SAMPLE)
+    if s == length:
+        return k
+    lam = k * s / length
+    return min(s, math.ceil(lam + SAMPLE_SIGMAS * math.sqrt(lam) + SAMPLE_SLACK))
+
+
+def _finalize_block(n: int, k: int) -> int:
+    """Candidates the finalize keeps in registers: the expected count with some headroom, 256..8192."""
+    expected = _sample_rank(k, n) * n / min(n, SAMPLE)
+    return min(8192, max(256, next_pow2(int(expected))))
 
 
 _SCRATCH: collections.OrderedDict[tuple, dict[str, torch.Tensor]] = collections.OrderedDict()
@@ -232,10 +242,6 @@ def _round16(x: int) -> int:
     return (x + 15) // 16 * 16
 
 
-def _prev_pow2(x: int) -> int:
-    return 1 << (max(1, int(x)).bit_length() - 1)
-
-
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -272,141 +278,166 @@ if HAS_TRITON:
         return b.to(tl.int64), need - above_b, in_bin
 
     @triton.jit
-    def _row_threshold(ws_ptr, row, need, valid_blocks, NB: tl.constexpr):
-        """Key v with >= need block maxima >= v, from the two 7-bit radix histograms of the row."""
-        bins = tl.arange(0, NB)
-        hist0 = tl.load(ws_ptr + row * (2 * NB + 3) + bins)
-        hist1 = tl.load(ws_ptr + row * (2 * NB + 3) + NB + bins)
-        b0, need1, _ = _pick_bin(hist0, need, NB)
-        b1, _, _ = _pick_bin(hist1, need1, NB)
-        threshold = ((b0 << 25) | (b1 << 18)) - 2147483648
-        # too few blocks to bound anything (or nothing to select): every valid key is a candidate
-        return tl.where((valid_blocks < need) | (need == 0), -2147483648, threshold)
+    def _query_block(q_ptr, lead, mb, M, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                     DOT_FP32: tl.constexpr):
+        """The BLOCK_M query rows ``mb`` of KV row ``lead`` (zero past M), and which of them exist."""
+        m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        dd = tl.arange(0, BLOCK_D)
+        q = tl.load(q_ptr + (lead * M + m[:, None]).to(tl.int64) * D + dd[None, :],
+                    mask=(m[:, None] < M) & (dd[None, :] < D), other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+        return q, m < M
 
-    @triton.jit(do_not_specialize=["N", "n_blocks"])
-    def _score_kernel(q_ptr, k_ptr, len_ptr, s_ptr, bmax_ptr, ws_ptr, N, M, stride_kl, stride_kn, per_split,
-                      n_blocks, row_stride, bmax_stride,
-                      D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BS: tl.constexpr, NB: tl.constexpr, REDUCE_GROUP: tl.constexpr, DOT_FP32: tl.constexpr,
-                      HAS_LENGTHS: tl.constexpr, HIST0: tl.constexpr):
-        """Scores of BLOCK_M query rows of one KV row against a span of keys, per-block maxima, and the level-0
-        radix histogram of the block maxima (bits 31..25, one atomic per valid block)."""
+    @triton.jit
+    def _tile_scores(q, m_ok, key_base, n, in_tile, stride_kn, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                     REDUCE_GROUP: tl.constexpr, DOT_FP32: tl.constexpr):
+        """Scores of the keys at positions ``n`` (loaded where ``in_tile``): ``[BLOCK_M, BLOCK_N]`` per query row,
+        or ``[1, BLOCK_N]`` summed over the group. Every kernel scores through here, so equal inputs give
+        bit-equal scores."""
+        dd = tl.arange(0, BLOCK_D)
+        keys = tl.load(key_base + n[:, None].to(tl.int64) * stride_kn + dd[None, :],
+                       mask=in_tile[:, None] & (dd[None, :] < D), other=0.0, eviction_policy="evict_first")
+        if DOT_FP32:
+            s = tl.dot(q, tl.trans(keys.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(keys))
+        if REDUCE_GROUP:
+            s = tl.sum(tl.where(m_ok[:, None], s, 0.0), axis=0, keep_dims=True)
+        return s
+
+    @triton.jit
+    def _output_rows(lead, m, m_ok, M, REDUCE_GROUP: tl.constexpr):
+        """Output row of each score row of a tile, and which exist (the summed row of a group is the lead's)."""
+        if REDUCE_GROUP:
+            rows, rows_ok = lead + tl.zeros((1,), tl.int32), tl.full((1,), 1, tl.int1)
+        else:
+            rows, rows_ok = lead * M + m, m_ok
+        return rows, rows_ok
+
+    @triton.jit(do_not_specialize=["N"])
+    def _sample_kernel(q_ptr, k_ptr, len_ptr, smp_ptr, N, M, stride_kl, stride_kn, D: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       REDUCE_GROUP: tl.constexpr, DOT_FP32: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                       SAMPLE: tl.constexpr):
+        """Scores of BLOCK_N of the SAMPLE keys sampled from one KV row: one key per stratum of length // SAMPLE
+        keys, at a hashed offset inside it (every key, in order, when the row holds at most SAMPLE); -inf past
+        the row's sample."""
+        pid, part = tl.program_id(0), tl.program_id(1)
+        m_blocks = tl.cdiv(M, BLOCK_M)
+        lead, mb = pid // m_blocks, pid % m_blocks
+        q, m_ok = _query_block(q_ptr, lead, mb, M, D, BLOCK_D, BLOCK_M, DOT_FP32)
+        rows, rows_ok = _output_rows(lead, mb * BLOCK_M + tl.arange(0, BLOCK_M), m_ok, M, REDUCE_GROUP)
+        length = _row_length(len_ptr, lead, 1, N, HAS_LENGTHS)
+        stratum = tl.maximum(length // SAMPLE, 1)
+        j = part * BLOCK_N + tl.arange(0, BLOCK_N)
+        hashed = ((j.to(tl.uint32) * 2654435761) >> 7).to(tl.int64)
+        n = tl.where(length > SAMPLE, j.to(tl.int64) * length // SAMPLE + hashed % stratum, j)
+        sampled = j < tl.minimum(length, SAMPLE)
+        s = _tile_scores(q, m_ok, k_ptr + lead.to(tl.int64) * stride_kl, n, sampled, stride_kn, D, BLOCK_D,
+                         REDUCE_GROUP, DOT_FP32)
+        s = tl.where(sampled[None, :], s, float("-inf"))
+        tl.store(smp_ptr + rows[:, None].to(tl.int64) * SAMPLE + j[None, :], s, mask=rows_ok[:, None])
+
+    @triton.jit(do_not_specialize=["N", "k"])
+    def _threshold_kernel(smp_ptr, len_ptr, thr_ptr, N, k, rows_per_kv, HAS_LENGTHS: tl.constexpr,
+                          SAMPLE: tl.constexpr, SIGMAS: tl.constexpr, SLACK: tl.constexpr):
+        """One row's candidate threshold: the r-th largest of its sampled scores (:func:`_sample_rank`), found by
+        halving [min, max] on the values until at most ~1.25 r samples lie above the lower end."""
+        row = tl.program_id(0)
+        length = _row_length(len_ptr, row, rows_per_kv, N, HAS_LENGTHS)
+        sampled = tl.minimum(length, SAMPLE)
+        j = tl.arange(0, SAMPLE)
+        s = tl.load(smp_ptr + row.to(tl.int64) * SAMPLE + j)
+        k_eff = tl.minimum(k, length)
+        lam = k_eff.to(tl.float32) * sampled.to(tl.float32) / tl.maximum(length, 1).to(tl.float32)
+        rank = tl.minimum(tl.ceil(lam + SIGMAS * tl.sqrt(lam) + SLACK).to(tl.int32), sampled)
+        rank = tl.where(sampled == length, k_eff, rank)
+        lo = tl.min(tl.where(j < sampled, s, float("inf")), axis=0)  # rank <= sampled values are >= lo
+        hi = tl.max(s, axis=0)
+        above = sampled  # values >= lo
+        steps = 0
+        while (steps < 40) & (above > rank + rank // 4 + 8) & (hi > lo):
+            mid = lo * 0.5 + hi * 0.5
+            count = tl.sum((s >= mid).to(tl.int32), axis=0)
+            move = (count >= rank) & (mid > lo)
+            hi = tl.where(move, hi, tl.maximum(mid, lo))
+            lo = tl.where(move, mid, lo)
+            above = tl.where(move, count, above)
+            steps += 1
+        tl.store(thr_ptr + row, tl.where(k_eff > 0, _ordered_key(lo), 2147483647))
+
+    @triton.jit(do_not_specialize=["N"])
+    def _score_kernel(q_ptr, k_ptr, len_ptr, thr_ptr, cand_ptr, ws_ptr, N, M, stride_kl, stride_kn, per_split,
+                      row_stride, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, REDUCE_GROUP: tl.constexpr, DOT_FP32: tl.constexpr,
+                      HAS_LENGTHS: tl.constexpr, WIDTH: tl.constexpr):
+        """Stream a span of one KV row's keys once, score them against BLOCK_M query rows on the tensor cores, and
+        append (key << 32 | index) of every valid key at or above its row's threshold to the row's candidates (an
+        atomic per such key); then raise the row's largest candidate key. Nothing else is written."""
         pid, split = tl.program_id(0), tl.program_id(1)
         m_blocks = tl.cdiv(M, BLOCK_M)
         lead, mb = pid // m_blocks, pid % m_blocks
-        m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-        dd = tl.arange(0, BLOCK_D)
-        m_ok = m < M
-        q = tl.load(q_ptr + (lead * M + m[:, None]).to(tl.int64) * D + dd[None, :],
-                    mask=m_ok[:, None] & (dd[None, :] < D), other=0.0)
-        if DOT_FP32:
-            q = q.to(tl.float32)
+        q, m_ok = _query_block(q_ptr, lead, mb, M, D, BLOCK_D, BLOCK_M, DOT_FP32)
+        rows, rows_ok = _output_rows(lead, mb * BLOCK_M + tl.arange(0, BLOCK_M), m_ok, M, REDUCE_GROUP)
+        threshold = tl.load(thr_ptr + rows, mask=rows_ok, other=2147483647)
         length = _row_length(len_ptr, lead, 1, N, HAS_LENGTHS)
-        valid_blocks = tl.cdiv(length, BS)
         key_base = k_ptr + lead.to(tl.int64) * stride_kl
+        ws_rows = ws_ptr + rows * WIDTH
+        base = rows.to(tl.int64) * row_stride
+        largest = tl.full(threshold.shape, -2147483648, tl.int32)
         start = split * per_split
-        for n0 in range(start, tl.minimum(start + per_split, N), BLOCK_N):
+        for n0 in range(start, tl.minimum(start + per_split, length), BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
-            keys = tl.load(key_base + n[:, None].to(tl.int64) * stride_kn + dd[None, :],
-                           mask=(n[:, None] < N) & (dd[None, :] < D), other=0.0, eviction_policy="evict_first")
-            if DOT_FP32:
-                s = tl.dot(q, tl.trans(keys.to(tl.float32)), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(keys))
-            valid = n < length
-            blk = n0 // BS + tl.arange(0, BLOCK_N // BS)
-            if REDUCE_GROUP:
-                summed = tl.where(valid, tl.sum(tl.where(m_ok[:, None], s, 0.0), axis=0), float("-inf"))
-                tl.store(s_ptr + lead.to(tl.int64) * row_stride + n, summed, mask=n < N)
-                bmax = tl.max(tl.reshape(summed, (BLOCK_N // BS, BS)), axis=1)
-                tl.store(bmax_ptr + lead.to(tl.int64) * bmax_stride + blk, bmax, mask=blk < n_blocks)
-                if HIST0:
-                    tl.atomic_add(ws_ptr + lead * (2 * NB + 3) + (_ordered_key(bmax) >> 25) + NB // 2, 1,
-                                  mask=blk < valid_blocks, sem="relaxed")
-            else:
-                s = tl.where(valid[None, :], s, float("-inf"))
-                rows = (lead * M + m).to(tl.int64)
-                tl.store(s_ptr + rows[:, None] * row_stride + n[None, :], s, mask=m_ok[:, None] & (n[None, :] < N))
-                bmax = tl.max(tl.reshape(s, (BLOCK_M, BLOCK_N // BS, BS)), axis=2)
-                tl.store(bmax_ptr + rows[:, None] * bmax_stride + blk[None, :], bmax,
-                         mask=m_ok[:, None] & (blk[None, :] < n_blocks))
-                if HIST0:
-                    tl.atomic_add(ws_ptr + rows[:, None] * (2 * NB + 3) + (_ordered_key(bmax) >> 25) + NB // 2, 1,
-                                  mask=m_ok[:, None] & (blk[None, :] < valid_blocks), sem="relaxed")
+            s = _tile_scores(q, m_ok, key_base, n, n < length, stride_kn, D, BLOCK_D, REDUCE_GROUP, DOT_FP32)
+            key = _ordered_key(s)
+            take = rows_ok[:, None] & (n < length)[None, :] & (key >= threshold[:, None])
+            # a slot per passing key (a few per row and tile): no scan, no layout change of the dot's result
+            slot = tl.atomic_add(ws_rows[:, None] + tl.zeros_like(n)[None, :], 1, mask=take, sem="relaxed")
+            tl.store(cand_ptr + base[:, None] + slot, (key.to(tl.int64) << 32) | n[None, :], mask=take)
+            largest = tl.maximum(largest, tl.max(tl.where(take, key, -2147483648), axis=1))
+        # as an unsigned maximum, so that the zeroed workspace is its neutral value
+        tl.atomic_max((ws_rows + 1).to(tl.pointer_type(tl.uint32), bitcast=True),
+                      (largest ^ -2147483648).to(tl.uint32, bitcast=True), mask=rows_ok, sem="relaxed")
 
-    @triton.jit(do_not_specialize=["N", "n_blocks"])
-    def _block_histogram_kernel(bmax_ptr, len_ptr, ws_ptr, N, n_blocks, bmax_stride, k, rows_per_kv,
-                                LEVEL: tl.constexpr, BS: tl.constexpr, NB: tl.constexpr, BLOCK_T: tl.constexpr,
-                                HAS_LENGTHS: tl.constexpr):
-        """Level-1 radix histogram of a span of block maxima: bits 24..18 of those inside the level-0 bin that
-        holds the k-th largest, added into the row's histogram with atomics."""
-        row, part = tl.program_id(0), tl.program_id(1)
-        length = _row_length(len_ptr, row, rows_per_kv, N, HAS_LENGTHS)
-        need = tl.minimum(k, length)
-        valid_blocks = tl.cdiv(length, BS)
-        i = part * BLOCK_T + tl.arange(0, BLOCK_T)
-        key = _ordered_key(tl.load(bmax_ptr + row.to(tl.int64) * bmax_stride + i, mask=i < valid_blocks,
-                                   other=0.0))
-        if LEVEL == 0:
-            ok = (i < valid_blocks) & (valid_blocks >= need)
-            bins = (key >> 25) + NB // 2
-        else:
-            b0, _, _ = _pick_bin(tl.load(ws_ptr + row * (2 * NB + 3) + tl.arange(0, NB)), need, NB)
-            ok = (i < valid_blocks) & ((key >> 25) + NB // 2 == b0) & (valid_blocks >= need)
-            bins = (key >> 18) & (NB - 1)
-        hist = tl.histogram(tl.where(ok, bins, 0), NB, mask=ok)
-        target = ws_ptr + row * (2 * NB + 3) + LEVEL * NB + tl.arange(0, NB)
-        tl.atomic_add(target, hist, mask=hist > 0, sem="relaxed")
-
-    @triton.jit(do_not_specialize=["N"])
-    def _collect_kernel(s_ptr, bmax_ptr, len_ptr, ws_ptr, cand_ptr, N, row_stride, bmax_stride, k, rows_per_kv,
-                        BS: tl.constexpr, NB: tl.constexpr, BLOCK_C: tl.constexpr, HAS_LENGTHS: tl.constexpr):
-        """Append (key << 32 | index) of every valid key scoring >= the row's threshold, reading only the blocks
-        whose maximum reaches it (one atomic a program), and the range of the row's candidate keys."""
-        row, part = tl.program_id(0), tl.program_id(1)
-        length = _row_length(len_ptr, row, rows_per_kv, N, HAS_LENGTHS)
-        need = tl.minimum(k, length)
-        valid_blocks = tl.cdiv(length, BS)
-        threshold = _row_threshold(ws_ptr, row, need, valid_blocks, NB)
-        base = row.to(tl.int64) * row_stride
-        blk = part * (BLOCK_C // BS) + tl.arange(0, BLOCK_C // BS)
-        blk_ok = blk < valid_blocks
-        bkey = _ordered_key(tl.load(bmax_ptr + row.to(tl.int64) * bmax_stride + blk, mask=blk_ok, other=0.0))
-        n = blk[:, None] * BS + tl.arange(0, BS)[None, :]  # [blocks, BS]: only blocks that can hold a candidate
-        ok = (blk_ok & (bkey >= threshold))[:, None] & (n < length)
-        key = _ordered_key(tl.load(s_ptr + base + n, mask=ok, other=0.0))
-        take = (ok & (key >= threshold)).to(tl.int32)
-        per_block = tl.sum(take, axis=1)
-        count = tl.sum(per_block, axis=0)
-        ws_row = ws_ptr + row * (2 * NB + 3)
-        first = tl.atomic_add(ws_row + 2 * NB, count, mask=count > 0)
-        # the row's largest and smallest candidate (the finalize's first range), as unsigned maxima so that the
-        # zeroed workspace is their neutral value
-        largest = tl.max(tl.max(tl.where(take > 0, key, -2147483648), axis=1), axis=0)
-        smallest = tl.min(tl.min(tl.where(take > 0, key, 2147483647), axis=1), axis=0)
-        bounds = (ws_row + 2 * NB + 1).to(tl.pointer_type(tl.uint32), bitcast=True)
-        tl.atomic_max(bounds, (largest ^ -2147483648).to(tl.uint32, bitcast=True), mask=count > 0, sem="relaxed")
-        tl.atomic_max(bounds + 1, ((~smallest) ^ -2147483648).to(tl.uint32, bitcast=True), mask=count > 0,
-                      sem="relaxed")
-        slot = first + (tl.cumsum(per_block, axis=0) - per_block)[:, None] + tl.cumsum(take, axis=1) - 1
-        tl.store(cand_ptr + base + slot, (key.to(tl.int64) << 32) | n, mask=take > 0)
-
-    @triton.jit(do_not_specialize=["N"])
-    def _finalize_kernel(cand_ptr, ws_ptr, len_ptr, out_s_ptr, out_i_ptr, N, row_stride, k, rows_per_kv,
-                         NB: tl.constexpr, BLOCK_F: tl.constexpr, HAS_LENGTHS: tl.constexpr):
-        """One program per row: the row's exact Top-k from its candidates, then its workspace row zeroed again
-        for the next call (every other launch of this call is done with it)."""
+    @triton.jit(do_not_specialize=["N", "k"])
+    def _finalize_kernel(q_ptr, k_ptr, len_ptr, thr_ptr, cand_ptr, ws_ptr, out_s_ptr, out_i_ptr, N, M, k,
+                         stride_kl, stride_kn, row_stride, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, REDUCE_GROUP: tl.constexpr,
+                         DOT_FP32: tl.constexpr, HAS_LENGTHS: tl.constexpr, NB: tl.constexpr, BLOCK_F: tl.constexpr,
+                         WIDTH: tl.constexpr):
+        """One program per output row: its exact Top-k from its candidates, then its workspace zeroed again for the
+        next call. If fewer than k keys passed the sampled threshold (a > 5-sigma miss, or adversarial input), the
+        program rescans the row itself and takes every valid key as a candidate: slow, exact, rare."""
         row = tl.program_id(0)
-        ws_row = ws_ptr + row * (2 * NB + 3)
-        length = _row_length(len_ptr, row, rows_per_kv, N, HAS_LENGTHS)
-        hi = (tl.load(ws_row + 2 * NB + 1) ^ -2147483648).to(tl.int64)
-        lo = (~(tl.load(ws_row + 2 * NB + 2) ^ -2147483648)).to(tl.int64)
-        _finalize_row(cand_ptr + row.to(tl.int64) * row_stride, tl.load(ws_row + 2 * NB), lo, hi,
-                      tl.minimum(k, length), k, N, out_s_ptr + row.to(tl.int64) * k,
+        rows_per_kv = 1 if REDUCE_GROUP else M
+        lead = row // rows_per_kv
+        ws_row = ws_ptr + row * WIDTH
+        length = _row_length(len_ptr, lead, 1, N, HAS_LENGTHS)
+        k_eff = tl.minimum(k, length)
+        count = tl.load(ws_row)
+        lo = tl.load(thr_ptr + row).to(tl.int64)
+        hi = (tl.load(ws_row + 1) ^ -2147483648).to(tl.int64)
+        cand_row = cand_ptr + row.to(tl.int64) * row_stride
+        if count < k_eff:
+            m = row % rows_per_kv
+            q, m_ok = _query_block(q_ptr, lead, m // BLOCK_M, M, D, BLOCK_D, BLOCK_M, DOT_FP32)
+            mine = (m // BLOCK_M) * BLOCK_M + tl.arange(0, BLOCK_M) == m
+            key_base = k_ptr + lead.to(tl.int64) * stride_kl
+            for n0 in range(0, length, BLOCK_N):
+                n = n0 + tl.arange(0, BLOCK_N)
+                s = _tile_scores(q, m_ok, key_base, n, n < length, stride_kn, D, BLOCK_D, REDUCE_GROUP, DOT_FP32)
+                if not REDUCE_GROUP:
+                    s = tl.sum(tl.where(mine[:, None], s, 0.0), axis=0, keep_dims=True)
+                key = tl.reshape(_ordered_key(s), (BLOCK_N,))
+                tl.store(cand_row + n, (key.to(tl.int64) << 32) | n, mask=n < length)
+            tl.debug_barrier()  # the rescanned candidates are read back below
+            count = length
+            lo = tl.full((), -2147483648, tl.int64)
+            hi = tl.full((), 2147483647, tl.int64)
+        _finalize_row(cand_row, count, lo, hi, k_eff, k, N, out_s_ptr + row.to(tl.int64) * k,
                       out_i_ptr + row.to(tl.int64) * k, NB, BLOCK_F)
-        clear = tl.arange(0, 2 * NB)
-        tl.store(ws_row + clear, tl.zeros_like(clear))
-        tl.store(ws_row + 2 * NB + tl.arange(0, 4), tl.zeros((4,), tl.int32), mask=tl.arange(0, 4) < 3)
+        tl.store(ws_row + tl.arange(0, 2), tl.zeros((2,), tl.int32))
 
     @triton.jit
     def _candidate_histogram(packed, ok, phase, tie_key, lo, hi, shift, NB: tl.constexpr):
