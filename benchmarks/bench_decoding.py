@@ -147,6 +147,9 @@ def run_mode(model, cache, prompt_len, token, mode, args) -> dict:
             return decode(model, cache, token, args.steps, timer, args.warmup, args.device)
 
 
+_FLASH_LENGTHS: list = [None, None]  # (the mask of the current forward pass, what flash needs from it)
+
+
 def flash_decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Dense decode over a static cache through flash attention's varlen kernel (split-KV for decoding), the valid
     length counted from the mask on the device (``seqused_k``): no host sync and no repeated K/V. Batch-1 decode
@@ -154,9 +157,12 @@ def flash_decode_attention(module, query, key, value, attention_mask, scaling=No
     if query.shape[2] != 1 or query.shape[0] != 1 or attention_mask is None or not query.is_cuda:
         return dense_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     heads, dim, n = query.shape[1], query.shape[3], key.shape[2]
-    used = attention_mask[:, 0, -1, :n].sum(-1, dtype=torch.int32)
-    bounds_q = torch.arange(2, dtype=torch.int32, device=query.device)  # cu_seqlens: one query, one run of n keys
-    bounds_k = torch.arange(0, 2 * n, n, dtype=torch.int32, device=query.device)
+    if attention_mask is not _FLASH_LENGTHS[0]:  # once per forward pass, as the Top-k path counts its lengths
+        _FLASH_LENGTHS[:] = attention_mask, (
+            attention_mask[:, 0, -1, :n].sum(-1, dtype=torch.int32),
+            torch.arange(2, dtype=torch.int32, device=query.device),  # cu_seqlens: one query, one run of n keys
+            torch.arange(0, 2 * n, n, dtype=torch.int32, device=query.device))
+    used, bounds_q, bounds_k = _FLASH_LENGTHS[1]
     out = torch.ops.aten._flash_attention_forward(
         query.reshape(1, heads, dim), key[0].transpose(0, 1), value[0].transpose(0, 1), bounds_q, bounds_k, 1, n,
         0.0, False, False, scale=scaling, seqused_k=used)[0]

@@ -213,7 +213,7 @@ class TopkAttention:
     def _device_lengths(self, mask: torch.Tensor, kv_len: int, batch: int) -> torch.Tensor:
         """Valid keys per sequence ``[B]`` on the device, counted from the mask (keys [0, length) when unpadded)."""
         if mask is not self._last_lengths[0]:  # every layer of one forward pass gets the same mask
-            self._last_lengths = (mask, _visible(mask, kv_len).sum(-1).expand(batch))
+            self._last_lengths = (mask, _visible(mask, kv_len).sum(-1, dtype=torch.int32).expand(batch))
         return self._last_lengths[1]
 
     def _valid_range(self, mask, kv_len: int, batch: int, q_len: int) -> tuple[tuple[int, ...], int]:
