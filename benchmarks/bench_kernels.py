@@ -113,8 +113,8 @@ def bench_topk(bw: float, batches, lengths_n, rows: list[str]) -> None:
                 plain = graph_time(lambda q, keys: plain_topk(q, keys, k), sets)
                 eager = eager_time(lambda q, keys: topk(q, keys, k, sorted=False), sets[0])
                 rows.append(f"| {batch} | {n // 1024}K | {k} | {floor * 1e6:.1f} | {ours * 1e6:.1f} | "
-                            f"{ours / floor:.2f} | {per_kv * 1e6:.1f} | {per_kv / floor:.2f} | {ours_sorted * 1e6:.1f} | "
-                            f"{eager * 1e6:.1f} | {plain * 1e6:.1f} | "
+                            f"{ours / floor:.2f} | {per_kv * 1e6:.1f} | {per_kv / floor:.2f} | "
+                            f"{ours_sorted * 1e6:.1f} | {eager * 1e6:.1f} | {plain * 1e6:.1f} | "
                             f"{plain / ours:.2f} |")
                 print(rows[-1], flush=True)
             del sets
