@@ -198,7 +198,7 @@ def _sample_rank(k: int, length: int) -> int:
 
 
 def _finalize_block(n: int, k: int) -> int:
-    """Candidates the finalize keeps in registers: the expected count with some headroom, 256..8192."""
+    """Candidates the finalize keeps in registers: the expected count rounded up to a power of two, 256..8192."""
     expected = _sample_rank(k, n) * n / min(n, SAMPLE)
     return min(8192, max(256, next_pow2(int(expected))))
 
