@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from topklab.decoding.generate import GreedyStep, greedy_generate
+from topklab.decoding.generate import GreedyStep, add_generate_arguments, greedy_generate, run_generate
 from topklab.decoding.hf import cache_keyword, static_cache
 from topklab.decoding.topk_attention import (
     enable_topk_attention,
@@ -411,6 +412,10 @@ def test_greedy_decoding_rejects_bad_input():
         greedy_generate(model, ids, 0)
     with pytest.raises(ValueError, match="cannot hold"):
         greedy_generate(model, ids, 8, max_cache_len=12)
+    parser = argparse.ArgumentParser()
+    add_generate_arguments(parser)
+    with pytest.raises(ValueError, match="needs a CUDA --device"):  # before any model is loaded
+        run_generate(parser.parse_args(["hello", "--k", "4", "--cuda-graph", "--device", "cpu"]))
 
 
 @pytest.mark.gpu
