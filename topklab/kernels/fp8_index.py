@@ -3,7 +3,7 @@
 As in DeepSeek-V3.2-Exp: index queries and keys are Hadamard-rotated (outliers spread, q.k unchanged), stored as
 FP8 e4m3 with one fp32 scale per 128-element block, and scored on FP8 tensor cores. The torch reference computes
 the same sum in fp32 from the FP8 values; the Triton kernel streams each key tile once and scores it against the
-index heads of several queries in one FP8 product, so it reads 132 bytes per key at d = 128 (plus 4 per score
+index heads of several queries (one or two FP8 products), so it reads 132 bytes per key at d = 128 (plus 4 per score
 written).
 """
 
