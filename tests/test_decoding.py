@@ -10,7 +10,13 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from topklab.decoding.generate import GreedyStep, add_generate_arguments, greedy_generate, run_generate
+from topklab.decoding.generate import (
+    GreedyStep,
+    add_generate_arguments,
+    greedy_generate,
+    prefill_static,
+    run_generate,
+)
 from topklab.decoding.hf import cache_keyword, static_cache
 from topklab.decoding.topk_attention import (
     enable_topk_attention,
@@ -32,9 +38,10 @@ def _prompt(length: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
     return torch.randint(3, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def _generate(model, ids, steps=8, **kwargs):
-    out = model.generate(ids, attention_mask=kwargs.pop("attention_mask", torch.ones_like(ids)), max_new_tokens=steps,
-                         min_new_tokens=steps, do_sample=False, pad_token_id=0, **kwargs)
+def _generate(model, ids, steps=8, attention_mask=None, **kwargs):
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                         pad_token_id=0, **kwargs)
     return out[:, ids.shape[1]:]
 
 
@@ -351,17 +358,30 @@ def test_static_cache_decoding_equals_dynamic_cache(options):
 
 
 @torch.no_grad()
-def _poisoned_static_step(model, ids, max_cache_len: int, cuda_graph: bool = False) -> GreedyStep:
-    """A static cache prefilled with ``ids``, its unwritten positions filled with large random keys and values (a
-    step that attends past the valid length picks them), and the `GreedyStep` that continues from it."""
-    cache = static_cache(model, max_cache_len)
-    prefill = model(ids, use_cache=True, logits_to_keep=1, **{cache_keyword(model): cache})
+def _poisoned_static_step(model, ids, max_cache_len: int, cuda_graph: bool = False, mask=None) -> GreedyStep:
+    """A static cache prefilled with ``ids`` (left-padded where ``mask`` is 0), its unwritten positions and each
+    sequence's padding filled with large random keys and values (a step that attends outside the valid keys picks
+    them), and the `GreedyStep` that continues from it."""
+    step = prefill_static(model, ids, max_cache_len, attention_mask=mask, cuda_graph=cuda_graph)
     generator = torch.Generator(device=ids.device).manual_seed(5)
-    for layer in cache.layers:
+    pads = [0] * ids.shape[0] if mask is None else (mask.shape[1] - mask.sum(-1)).tolist()
+    for layer in step.cache.layers:
         for buffer in (layer.keys, layer.values):
-            tail = buffer[:, :, ids.shape[1]:]
-            tail.copy_(50 * torch.randn(tail.shape, generator=generator, device=ids.device))
-    return GreedyStep(model, cache, prefill.logits[:, -1:].argmax(-1), cuda_graph=cuda_graph)
+            for row, pad in enumerate(pads):
+                for span in (buffer[row, :, ids.shape[1]:], buffer[row, :, :pad]):
+                    span.copy_(50 * torch.randn(span.shape, generator=generator, device=ids.device))
+    return step
+
+
+def _left_padded(lengths: list[int], seed: int):
+    """A left-padded batch of prompts of these lengths and its attention mask."""
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, width - n:] = _prompt(n, seed=seed + row)[0]
+        mask[row, width - n:] = 1
+    return ids, mask
 
 
 @pytest.mark.parametrize("per", ["head", "group"])
@@ -383,21 +403,33 @@ def test_static_decode_steps_read_nothing_on_the_host(per):
             step()
 
 
+@pytest.mark.parametrize("per", ["head", "group"])
+def test_left_padded_static_decode_reads_nothing_on_the_host(per):
+    """A left-padded batch too: each sequence's valid keys [start, end) come from the mask on the device (the
+    padding and the unwritten positions are poisoned), and the tokens are transformers' own for that batch."""
+    model = _model("qwen3")
+    ids, mask = _left_padded([30, 21, 26], seed=40)
+    with topk_attention(model, "exact", k=5, per=per) as handle:
+        step = _poisoned_static_step(model, ids, 48, mask=mask)
+        assert handle._layout == (0, 9, 4)
+        with _no_host_reads():
+            steps = [step().clone() for _ in range(6)]
+        assert torch.equal(torch.cat(steps, 1), _generate(model, ids, steps=7, attention_mask=mask)[:, 1:])
+
+
 def test_left_padded_batch_with_static_cache_equals_dynamic_cache():
     model = _model("mistral")
-    lengths = [30, 22, 17]
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, width - n:] = _prompt(n, seed=30 + row)[0]
-        mask[row, width - n:] = 1
+    ids, mask = _left_padded([30, 22, 17], seed=30)
+    dense = greedy_generate(model, ids, 8, attention_mask=mask, max_cache_len=48)
+    assert torch.equal(dense, _generate(model, ids, steps=8, attention_mask=mask))
     for options in (dict(k=4, per="head"), dict(k=0.25, per="group", sinks=1, window=2)):
         with topk_attention(model, "exact", **options) as handle:
             dynamic = _generate(model, ids, steps=8, attention_mask=mask)
             static = _generate(model, ids, steps=8, attention_mask=mask, cache_implementation="static")
-            assert handle._layout == (0, 8, 13)  # padded: every step reads the mask on the host
-        assert torch.equal(static, dynamic), options
+            greedy = greedy_generate(model, ids, 8, attention_mask=mask, max_cache_len=48)
+            assert handle._layout == (0, 8, 13)
+        assert torch.equal(static, dynamic) and torch.equal(greedy, dynamic), options
+        assert not torch.equal(greedy, dense)
 
 
 def test_greedy_decoding_rejects_bad_input():
@@ -412,6 +444,12 @@ def test_greedy_decoding_rejects_bad_input():
         greedy_generate(model, ids, 0)
     with pytest.raises(ValueError, match="cannot hold"):
         greedy_generate(model, ids, 8, max_cache_len=12)
+    with pytest.raises(ValueError, match="needs both attention_mask"):
+        GreedyStep(model, cache, ids[:, -1:], attention_mask=torch.ones(1, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match="leaves no room"):
+        prefill_static(model, ids, 10)
+    with pytest.raises(ValueError, match="must match input_ids"):
+        prefill_static(model, ids, 16, attention_mask=torch.ones(1, 9, dtype=torch.long))
     parser = argparse.ArgumentParser()
     add_generate_arguments(parser)
     with pytest.raises(ValueError, match="needs a CUDA --device"):  # before any model is loaded
@@ -420,14 +458,19 @@ def test_greedy_decoding_rejects_bad_input():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("per,batch", [(None, 1), ("head", 1), ("head", 2), ("group", 1)])
+@pytest.mark.parametrize("per,batch", [(None, 1), ("head", 1), ("head", 2), ("group", 1), ("head", "padded"),
+                                       ("group", "padded")])
 def test_cuda_graph_static_decode_equals_eager(per, batch):
-    """Steps replayed from a CUDA graph (static cache, device lengths, Triton kernels) give the eager tokens."""
+    """Steps replayed from a CUDA graph (static cache, device ranges, Triton kernels) give the eager tokens."""
     model = tiny_model("llama", layers=2, hidden=256, heads=8, kv_heads=2).cuda()
-    ids = _prompt(700, seed=23, batch=batch).cuda()
+    if batch == "padded":
+        ids, mask = (t.cuda() for t in _left_padded([700, 520, 611], seed=23))
+    else:
+        ids, mask = _prompt(700, seed=23, batch=batch).cuda(), None
     with topk_attention(model, "exact", k=64, per=per) if per else contextlib.nullcontext():
-        dynamic = _generate(model, ids, steps=16)[:, 1:]
-        eager, graphed = (_poisoned_static_step(model, ids, 768, cuda_graph=graph) for graph in (False, True))
+        dynamic = _generate(model, ids, steps=16, attention_mask=mask)[:, 1:]
+        eager, graphed = (_poisoned_static_step(model, ids, 768, cuda_graph=graph, mask=mask)
+                          for graph in (False, True))
         eager_tokens = torch.cat([eager().clone() for _ in range(15)], 1)
         graphed_tokens = torch.cat([graphed().clone() for _ in range(15)], 1)
     assert graphed.graph is not None and eager.graph is None

@@ -156,6 +156,36 @@ def test_topk_kernel_matches_reference(kernels, rng, dtype, b, hq, hkv, n, d, k)
 
 
 @pytest.mark.parametrize("per_kv_head", [False, True])
+def test_topk_with_starts_and_lengths(kernels, rng, per_kv_head):
+    """Left padding: valid keys [start, length) per sequence; rows of more than SAMPLE keys are sampled, one row is
+    shorter than k, one starts past the first tile."""
+    b, hq, hkv, n, d, k = 4, 8, 2, 4600, 32, 40
+    q, keys = _randn(rng, b, hq, d, dtype=torch.bfloat16), _randn(rng, b, hkv, n, d, dtype=torch.bfloat16)
+    starts, lengths = torch.tensor([0, 300, 4570, 17]), torch.tensor([4600, 4600, 4600, 4400])
+    got = kernels.topk.topk(q, keys, k, lengths=lengths, starts=starts, per_kv_head=per_kv_head)
+    ref = kernels.topk.topk_reference(q, keys, k, lengths=lengths, starts=starts, per_kv_head=per_kv_head)
+    _check_topk_close(got, ref, q, keys, lengths=lengths, per_kv_head=per_kv_head)
+    rows = got[1].shape[1]
+    assert bool((got[1][1] >= 300).all()) and bool((got[1][2, :, :30] >= 4570).all())
+    assert bool((got[1][2, :, 30:] == -1).all()) and got[1].shape == (b, rows, k)
+    out = kernels.attention.topk_attention(q, keys, keys, k, lengths=lengths, starts=starts, per_kv_head=per_kv_head)
+    ref_out = kernels.attention.topk_attention_reference(q, keys, keys, k, lengths=lengths, starts=starts,
+                                                         per_kv_head=per_kv_head)
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_topk_rejects_bad_ranges(rng):
+    from topklab.kernels.topk import topk
+
+    q, keys = _randn(rng, 2, 4, 16), _randn(rng, 2, 2, 50, 16)
+    with pytest.raises(ValueError, match="starts must be a 1-D tensor of 2"):
+        topk(q, keys, 5, starts=torch.tensor([0]))
+    with pytest.raises(ValueError, match="starts must be an integer tensor"):
+        topk(q, keys, 5, starts=torch.tensor([0.0, 1.0]))
+    assert bool((topk(q, keys, 5, starts=torch.tensor([0, 48]))[1][1, :, 2:] == -1).all())
+
+
+@pytest.mark.parametrize("per_kv_head", [False, True])
 def test_topk_with_lengths_and_shared_selection(kernels, rng, per_kv_head):
     b, hq, hkv, n, d, k = 3, 8, 2, 600, 64, 50
     q, keys = _randn(rng, b, hq, d, dtype=torch.bfloat16), _randn(rng, b, hkv, n, d, dtype=torch.bfloat16)

@@ -47,6 +47,24 @@ def test_topk_matches_reference(cuda_rng, dtype, n, k, per_kv_head):
     _check_topk_close(got, ref, q, keys, lengths=lengths, per_kv_head=per_kv_head)
 
 
+@pytest.mark.parametrize("k", [64, 2048])
+@pytest.mark.parametrize("per_kv_head", [False, True])
+def test_topk_and_attention_with_starts(cuda_rng, k, per_kv_head):
+    """Left padding at full size: valid keys [start, length), sampled rows, a row barely longer than k."""
+    b, hq, hkv, n, d = 3, 32, 8, 131089, 128
+    q, keys = _randn(cuda_rng, b, hq, d, dtype=torch.bfloat16), _randn(cuda_rng, b, hkv, n, d, dtype=torch.bfloat16)
+    values = _randn(cuda_rng, b, hkv, n, d, dtype=torch.bfloat16)
+    starts = torch.tensor([0, 40000, n - k - 3], device="cuda")
+    lengths = torch.tensor([n, n - 1000, n], device="cuda")
+    got = topk(q, keys, k, lengths=lengths, starts=starts, per_kv_head=per_kv_head)
+    ref = topk_reference(q, keys, k, lengths=lengths, starts=starts, per_kv_head=per_kv_head)
+    _check_topk_close(got, ref, q, keys, lengths=lengths, per_kv_head=per_kv_head)
+    assert bool((got[1][1] >= 40000).all()) and bool((got[1][2] >= n - k - 3).all())
+    out = topk_attention(q, keys, values, k, lengths=lengths, starts=starts, per_kv_head=per_kv_head)
+    ref_out = topk_attention_reference(q, keys, values, k, lengths=lengths, starts=starts, per_kv_head=per_kv_head)
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_topk_ties_exact_on_gpu(dtype):
     gen = torch.Generator().manual_seed(7)

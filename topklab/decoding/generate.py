@@ -23,12 +23,17 @@ class GreedyStep:
     With ``cuda_graph`` the first ``warmup`` calls run eagerly (kernels compile, buffers settle), the next one
     captures the step in a CUDA graph and runs it, and every later call replays the graph: one launch per token, no
     host work inside. The model's attention must not read device values on the host during a step: dense SDPA and
-    `topk_attention` with the plain exact indexer on an unpadded batch qualify. The cache must be a transformers
-    ``StaticCache`` without sliding-window layers (theirs keep their position in a Python int).
+    `topk_attention` with the plain exact indexer qualify. The cache must be a transformers ``StaticCache`` without
+    sliding-window layers (theirs keep their position in a Python int).
+
+    A left-padded batch passes ``attention_mask [B, max_cache_len]`` (0 at each sequence's padding, 1 elsewhere,
+    future positions included: causality hides them, so the mask never changes) and ``positions [B, 1]``, the
+    position id of each sequence's next token (its count of real tokens so far), advanced in place every step.
     """
 
-    def __init__(self, model: torch.nn.Module, cache, token: torch.Tensor, *, cuda_graph: bool = False,
-                 warmup: int = 2):
+    def __init__(self, model: torch.nn.Module, cache, token: torch.Tensor, *,
+                 attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                 cuda_graph: bool = False, warmup: int = 2):
         if cuda_graph and token.device.type != "cuda":
             raise ValueError(f"a CUDA graph needs the model on a CUDA device, got tokens on {token.device}")
         if cuda_graph and any(layer.is_sliding for layer in cache.layers):
@@ -36,8 +41,16 @@ class GreedyStep:
                              "Python int that a graph would freeze)")
         if token.dim() != 2 or token.shape[1] != 1:
             raise ValueError(f"token must be [batch, 1] (the last token of each sequence), got {tuple(token.shape)}")
+        if (attention_mask is None) != (positions is None):
+            raise ValueError("a padded batch needs both attention_mask [B, max_cache_len] and positions [B, 1]")
+        if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[0] != token.shape[0]
+                                           or positions.shape != token.shape):
+            raise ValueError(f"attention_mask must be [B, max_cache_len] and positions [B, 1] for B = "
+                             f"{token.shape[0]}, got {tuple(attention_mask.shape)} and {tuple(positions.shape)}")
         self.model, self.cache = model, cache
         self.token = token.clone()
+        self.padding = None if attention_mask is None else dict(attention_mask=attention_mask,
+                                                                 position_ids=positions.clone())
         self.cuda_graph, self.warmup = cuda_graph, warmup
         self.graph: torch.cuda.CUDAGraph | None = None
         self._keyword = cache_keyword(model)
@@ -45,8 +58,11 @@ class GreedyStep:
 
     @torch.no_grad()
     def _step(self) -> None:
-        out = self.model(input_ids=self.token, use_cache=True, logits_to_keep=1, **{self._keyword: self.cache})
+        out = self.model(input_ids=self.token, use_cache=True, logits_to_keep=1, **{self._keyword: self.cache},
+                         **(self.padding or {}))
         self.token.copy_(out.logits[:, -1:].argmax(-1))
+        if self.padding is not None:
+            self.padding["position_ids"].add_(1)
 
     def __call__(self) -> torch.Tensor:
         self._calls += 1
@@ -70,20 +86,44 @@ class GreedyStep:
 
 
 @torch.no_grad()
+def prefill_static(model: torch.nn.Module, input_ids: torch.Tensor, max_cache_len: int, *,
+                   attention_mask: torch.Tensor | None = None, cuda_graph: bool = False) -> GreedyStep:
+    """Run the prompt ``input_ids [B, T]`` (left-padded where ``attention_mask`` is 0) into a new static cache of
+    ``max_cache_len`` positions and return the `GreedyStep` that continues it (its ``token`` holds the first new
+    token). Position ids and the step's fixed mask are those transformers' generate gives a left-padded batch."""
+    if max_cache_len <= input_ids.shape[1]:
+        raise ValueError(f"max_cache_len = {max_cache_len} leaves no room after the {input_ids.shape[1]}-token prompt")
+    cache = static_cache(model, max_cache_len)
+    padding, step_padding = {}, {}
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids "
+                             f"{tuple(input_ids.shape)}")
+        mask = attention_mask.long()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        padding = dict(attention_mask=mask, position_ids=positions)
+        full = torch.ones(mask.shape[0], max_cache_len, dtype=mask.dtype, device=mask.device)
+        full[:, :mask.shape[1]] = mask
+        step_padding = dict(attention_mask=full, positions=positions[:, -1:] + 1)
+    out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{cache_keyword(model): cache}, **padding)
+    return GreedyStep(model, cache, out.logits[:, -1:].argmax(-1), cuda_graph=cuda_graph, **step_padding)
+
+
+@torch.no_grad()
 def greedy_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *,
-                    cuda_graph: bool = False, max_cache_len: int | None = None) -> torch.Tensor:
-    """Greedy continuation ``[B, max_new_tokens]`` of an unpadded batch ``input_ids [B, T]`` over a static cache
-    (prefill eager, then `GreedyStep`); with ``cuda_graph`` the steps are replayed from a CUDA graph. The tokens
-    equal ``model.generate(..., do_sample=False)`` without early stopping."""
+                    attention_mask: torch.Tensor | None = None, cuda_graph: bool = False,
+                    max_cache_len: int | None = None) -> torch.Tensor:
+    """Greedy continuation ``[B, max_new_tokens]`` of ``input_ids [B, T]`` (left-padded where ``attention_mask``
+    says so) over a static cache (`prefill_static`, then `GreedyStep`); with ``cuda_graph`` the steps are replayed
+    from a CUDA graph. The tokens equal ``model.generate(..., do_sample=False)`` without early stopping."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     length = input_ids.shape[1] + max_new_tokens
     if max_cache_len is not None and max_cache_len < length:
         raise ValueError(f"max_cache_len = {max_cache_len} cannot hold the prompt and {max_new_tokens} new tokens "
                          f"({length} positions)")
-    cache = static_cache(model, max_cache_len or length)
-    out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{cache_keyword(model): cache})
-    step = GreedyStep(model, cache, out.logits[:, -1:].argmax(-1), cuda_graph=cuda_graph)
+    step = prefill_static(model, input_ids, max_cache_len or length, attention_mask=attention_mask,
+                          cuda_graph=cuda_graph)
     tokens = [step.token.clone()]
     tokens += [step().clone() for _ in range(max_new_tokens - 1)]
     return torch.cat(tokens, dim=1)

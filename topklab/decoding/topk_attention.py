@@ -29,10 +29,11 @@ the selection is `topklab.kernels.sparse_decode_attention` (Triton on CUDA, its 
 
 Static caches and CUDA graphs: with a transformers ``StaticCache`` every call sees the whole preallocated buffer
 and a mask marking the written positions. Reading the valid range from that mask costs a host sync, so once a
-batch is known to have no left padding (from its prefill, or the first decode step), decode steps of the plain
-exact indexer (an int k, per head or group, no sinks, window or recording) take the valid lengths from the mask on
-the device and hand them to the kernel: such a step has no host sync and can be captured in a CUDA graph
-(`topklab.decoding.generate.GreedyStep`). Every other configuration reads the mask on the host as before.
+batch's layout is known (its left padding, read on the host at the prefill or the first decode step), decode steps
+of the plain exact indexer (an int k, per head or group, no sinks, window or recording) take each sequence's valid
+keys [start, end) from the mask on the device and hand them to the kernel: such a step has no host sync and can be
+captured in a CUDA graph (`topklab.decoding.generate.GreedyStep`). Every other configuration reads the mask on the
+host as before.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ class TopkAttention:
         self._vectorised_prefill = self.source == "qk" and all(t.name == "exact" for t in self._templates.values())
         # the plain exact indexer reads the KV cache itself (no copy of the keys to build or extend)
         self._from_cache = self.per != "layer" and all(type(t) is Exact for t in self._templates.values())
-        #: decode steps of an unpadded batch read nothing on the host, so they can be captured in a CUDA graph
+        #: decode steps read nothing on the host (left padding included), so they can be captured in a CUDA graph
         self.sync_free_decode = (self._from_cache and not record and not sinks and not window
                                   and isinstance(self.k, int))
         self.recorder = FidelityRecorder() if record else None
@@ -142,7 +143,7 @@ class TopkAttention:
         self._hidden_now: dict[int, torch.Tensor] = {}
         self._steps: dict[int, int] = {}
         self._last_mask: tuple[torch.Tensor | None, tuple] = (None, ())
-        self._last_lengths: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+        self._last_ranges: tuple[torch.Tensor | None, tuple] = (None, (None, None))
         self._layout: tuple[int, ...] | None = None  # each sequence's first valid key, as last read on the host
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(attention_hook(model, self.attention))
@@ -164,7 +165,7 @@ class TopkAttention:
         self._hidden_now.clear()
         self._steps.clear()
         self._last_mask = (None, ())
-        self._last_lengths = (None, None)
+        self._last_ranges = (None, (None, None))
         self._layout = None
 
     def __enter__(self) -> "TopkAttention":
@@ -184,7 +185,7 @@ class TopkAttention:
             raise ValueError("Top-k attention does not support attention logit soft-capping (softcap)")
         q_len = query.shape[2]
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        if q_len == 1 and self.sync_free_decode and self._layout == (0,) * query.shape[0]:
+        if q_len == 1 and self.sync_free_decode and self._layout is not None and len(self._layout) == query.shape[0]:
             self._steps[layer] = self._steps.get(layer, 0) + 1
             return self._device_step(module, query, key, value, attention_mask, scale, dense)
         starts, end = self._valid_range(attention_mask, key.shape[2], query.shape[0], q_len)
@@ -201,20 +202,25 @@ class TopkAttention:
         return out, None
 
     def _device_step(self, module, query, key, value, mask, scale, dense):
-        """A decode step of the plain exact indexer over an unpadded batch, with no host sync: the valid lengths
-        stay on the device (None without a mask: every key is valid), so the step can run inside a CUDA graph."""
+        """A decode step of the plain exact indexer with no host sync: each sequence's valid keys [start, end) stay
+        on the device (none without a mask: every key is valid), so the step can run inside a CUDA graph. The
+        batch's left padding was checked on the host when its layout was first read (prefill or first step)."""
         if self.k >= key.shape[2]:  # k covers every key the cache can hold: dense attention, same mask
             return dense_attention(module, query, key, value, mask, **dense)
-        lengths = None if mask is None else self._device_lengths(mask, key.shape[2], query.shape[0])
-        out = kernels.topk_attention(query[:, :, 0], key, value, self.k, scale=scale, lengths=lengths,
+        starts, ends = (None, None) if mask is None else self._device_ranges(mask, key.shape[2], query.shape[0])
+        out = kernels.topk_attention(query[:, :, 0], key, value, self.k, scale=scale, lengths=ends, starts=starts,
                                      per_kv_head=self.per == "group")
         return out[:, None], None
 
-    def _device_lengths(self, mask: torch.Tensor, kv_len: int, batch: int) -> torch.Tensor:
-        """Valid keys per sequence ``[B]`` on the device, counted from the mask (keys [0, length) when unpadded)."""
-        if mask is not self._last_lengths[0]:  # every layer of one forward pass gets the same mask
-            self._last_lengths = (mask, _visible(mask, kv_len).sum(-1, dtype=torch.int32).expand(batch))
-        return self._last_lengths[1]
+    def _device_ranges(self, mask: torch.Tensor, kv_len: int, batch: int):
+        """Each sequence's first valid key (None for an unpadded batch) and one past its newest, ``[B]`` int32 on
+        the device, from the mask of the last query position (valid keys are contiguous: left padding)."""
+        if mask is not self._last_ranges[0]:  # every layer of one forward pass gets the same mask
+            visible = _visible(mask, kv_len).expand(batch, -1)
+            starts = None if not any(self._layout) else visible.int().argmax(-1).to(torch.int32)
+            ends = visible.sum(-1, dtype=torch.int32) + (0 if starts is None else starts)
+            self._last_ranges = (mask, (starts, ends))
+        return self._last_ranges[1]
 
     def _valid_range(self, mask, kv_len: int, batch: int, q_len: int) -> tuple[tuple[int, ...], int]:
         """(first valid key of each sequence, one past the newest key) from the mask of the last query position.

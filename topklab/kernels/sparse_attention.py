@@ -52,19 +52,21 @@ def sparse_decode_attention_reference(q: torch.Tensor, keys: torch.Tensor, value
 
 def topk_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k: int, *,
                    scale: float | None = None, lengths: torch.Tensor | None = None,
-                   per_kv_head: bool = False) -> torch.Tensor:
-    """One Top-k decode step, select + attend: exact Top-k by q.k (see :func:`topk`), softmax over those keys."""
+                   starts: torch.Tensor | None = None, per_kv_head: bool = False) -> torch.Tensor:
+    """One Top-k decode step, select + attend: exact Top-k by q.k among each sequence's valid keys
+    ``[starts, lengths)`` (see :func:`topk`), softmax over those keys."""
     if not use_triton(keys):
-        return topk_attention_reference(q, keys, values, k, scale=scale, lengths=lengths, per_kv_head=per_kv_head)
-    scores, indices = topk(q, keys, k, lengths=lengths, per_kv_head=per_kv_head, sorted=False)
+        return topk_attention_reference(q, keys, values, k, scale=scale, lengths=lengths, starts=starts,
+                                        per_kv_head=per_kv_head)
+    scores, indices = topk(q, keys, k, lengths=lengths, starts=starts, per_kv_head=per_kv_head, sorted=False)
     scale = _check_attention(q, keys, values, indices, scale)
     return _attend(q, keys, values, indices, scale, selected_scores=None if per_kv_head else scores)
 
 
 def topk_attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k: int, *,
                              scale: float | None = None, lengths: torch.Tensor | None = None,
-                             per_kv_head: bool = False) -> torch.Tensor:
-    _, indices = topk_reference(q, keys, k, lengths=lengths, per_kv_head=per_kv_head)
+                             starts: torch.Tensor | None = None, per_kv_head: bool = False) -> torch.Tensor:
+    _, indices = topk_reference(q, keys, k, lengths=lengths, starts=starts, per_kv_head=per_kv_head)
     return sparse_decode_attention_reference(q, keys, values, indices, scale)
 
 

@@ -44,38 +44,44 @@ MAX_GROUP_BLOCK = 64  # query rows scored together against one key tile
 
 
 def topk(q: torch.Tensor, keys: torch.Tensor, k: int, *, lengths: torch.Tensor | None = None,
-         per_kv_head: bool = False, sorted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+         starts: torch.Tensor | None = None, per_kv_head: bool = False,
+         sorted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact Top-k keys of one decode step: ``(scores fp32, indices int64)``.
 
     ``q [B, Hq, d]`` with ``keys [B, Hkv, N, d]`` (GQA: Hq = G * Hkv; output ``[B, Hq, k]``, or ``[B, Hkv, k]`` with
     ``per_kv_head``, which ranks keys by the group's summed scores), or queries already folded per KV head,
-    ``q [*, M, d]`` with ``keys [*, N, d]`` (output ``[*, M, k]``). ``lengths [B]`` are the valid keys per sequence;
-    rows with fewer than k get index -1 and score -inf in the tail. Ties go to the lower index. ``sorted`` orders
+    ``q [*, M, d]`` with ``keys [*, N, d]`` (output ``[*, M, k]``). Each sequence's valid keys are the positions
+    ``[starts[b], lengths[b])`` (``starts`` for left padding; either may be None: 0 / N); both may stay on the
+    device, so a decode step reads nothing on the host. Rows with fewer than k valid keys get index -1 and score
+    -inf in the tail. Ties go to the lower index. ``sorted`` orders
     each row best first; otherwise the order is unspecified. Triton on CUDA, :func:`topk_reference` elsewhere.
     """
     q3, k3, out_shape = _fold(q, keys, per_kv_head)
     check_k(k, k3.shape[1])
-    row_lengths = _row_lengths(lengths, keys, k3.shape[0])
+    ranges = _row_ranges(lengths, starts, keys, k3.shape[0])
     if not use_triton(k3):
-        return topk_reference(q, keys, k, lengths=lengths, per_kv_head=per_kv_head)
-    scores, indices = _select(q3, k3, k, row_lengths, per_kv_head)
+        return topk_reference(q, keys, k, lengths=lengths, starts=starts, per_kv_head=per_kv_head)
+    scores, indices = _select(q3, k3, k, ranges, per_kv_head)
     if sorted:
         scores, indices = _sort_best_first(scores, indices)
     return scores.view(*out_shape, k), indices.view(*out_shape, k)
 
 
 def topk_reference(q: torch.Tensor, keys: torch.Tensor, k: int, *, lengths: torch.Tensor | None = None,
-                   per_kv_head: bool = False, sorted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain torch: fp32 q.K^T, keys past each length masked, a stable sort (ties to the lower index), the first k."""
+                   starts: torch.Tensor | None = None, per_kv_head: bool = False,
+                   sorted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch: fp32 q.K^T, keys outside [start, length) masked, a stable sort (ties to the lower index), the
+    first k."""
     q3, k3, out_shape = _fold(q, keys, per_kv_head)
     check_k(k, k3.shape[1])
-    row_lengths = _row_lengths(lengths, keys, k3.shape[0])
+    ranges = _row_ranges(lengths, starts, keys, k3.shape[0])
     scores = torch.matmul(q3.float(), k3.float().transpose(1, 2))  # [L, M, N]
     if per_kv_head:
         scores = scores.sum(dim=1, keepdim=True)
-    if row_lengths is not None:
+    if ranges is not None:
         positions = torch.arange(k3.shape[1], device=k3.device)
-        scores = scores.masked_fill(positions >= row_lengths.view(-1, 1, 1), float("-inf"))
+        outside = (positions < ranges[:, :1, None]) | (positions >= ranges[:, 1:, None])
+        scores = scores.masked_fill(outside, float("-inf"))
     top_scores, top_idx = torch.sort(scores, dim=-1, descending=True, stable=True)
     top_scores, top_idx = top_scores[..., :k], top_idx[..., :k]
     top_idx = top_idx.masked_fill(top_scores == float("-inf"), -1)
@@ -112,16 +118,25 @@ def _fold(q: torch.Tensor, keys: torch.Tensor, per_kv_head: bool):
     return q3, keys.reshape(-1, n, d), out_shape
 
 
-def _row_lengths(lengths: torch.Tensor | None, keys: torch.Tensor, n_lead: int) -> torch.Tensor | None:
-    """Valid keys per folded KV row [L] (int32), from per-sequence ``lengths [B]``."""
-    if lengths is None:
+def _row_ranges(lengths: torch.Tensor | None, starts: torch.Tensor | None, keys: torch.Tensor,
+                n_lead: int) -> torch.Tensor | None:
+    """Valid keys ``[start, end)`` per folded KV row, ``[L, 2]`` int32, from per-sequence ``starts`` / ``lengths``
+    ``[B]`` (None when both are None: every key is valid)."""
+    if lengths is None and starts is None:
         return None
-    b = keys.shape[0]
-    if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1 or lengths.shape[0] != b:
-        raise ValueError(f"lengths must be a 1-D tensor of {b} per-sequence key counts")
-    if lengths.dtype.is_floating_point or lengths.device != keys.device:
-        raise ValueError("lengths must be an integer tensor on the keys' device")
-    return lengths.to(torch.int32).clamp(0, keys.shape[-2]).repeat_interleave(n_lead // b)
+    b, n = keys.shape[0], keys.shape[-2]
+    bounds = []
+    for name, value, default in (("starts", starts, 0), ("lengths", lengths, n)):
+        if value is None:
+            bounds.append(torch.full((b,), default, dtype=torch.int32, device=keys.device))
+            continue
+        if not isinstance(value, torch.Tensor) or value.dim() != 1 or value.shape[0] != b:
+            raise ValueError(f"{name} must be a 1-D tensor of {b} per-sequence key positions")
+        if value.dtype.is_floating_point or value.dtype == torch.bool or value.device != keys.device:
+            raise ValueError(f"{name} must be an integer tensor on the keys' device ({keys.device})")
+        bounds.append(value.to(torch.int32).clamp(0, n))
+    start, end = bounds
+    return torch.stack([start, torch.maximum(start, end)], dim=1).repeat_interleave(n_lead // b, dim=0)
 
 
 def _sort_best_first(scores: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,7 +148,7 @@ def _sort_best_first(scores: torch.Tensor, indices: torch.Tensor) -> tuple[torch
     return scores.gather(-1, order), indices.gather(-1, order)
 
 
-def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, row_lengths: torch.Tensor | None, per_kv_head: bool):
+def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, ranges: torch.Tensor | None, per_kv_head: bool):
     """The launches. Returns unordered ``scores [R, k]`` and ``indices [R, k]`` (R = output rows)."""
     if k3.stride(-1) != 1:
         k3 = k3.contiguous()
@@ -151,11 +166,11 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, row_lengths: torch.Tenso
     row_stride = _round16(n)
     splits = max(1, min(cdiv(n, block_n), cdiv(4 * _sm_count(device), n_lead * m_blocks)))
     per_split = cdiv(cdiv(n, splits), block_n) * block_n
-    has_lengths = row_lengths is not None
-    lengths_arg = row_lengths if has_lengths else q3  # unused pointer when there are no lengths
+    has_ranges = ranges is not None
+    ranges_arg = ranges if has_ranges else q3  # unused pointer when every key is valid
     dot_fp32 = k3.dtype == torch.float32 or q3.dtype == torch.float32 or interpreting() or q3.dtype != k3.dtype
     tile = dict(D=d, BLOCK_D=max(16, next_pow2(d)), BLOCK_M=block_m, BLOCK_N=block_n, REDUCE_GROUP=per_kv_head,
-                DOT_FP32=dot_fp32, HAS_LENGTHS=has_lengths)
+                DOT_FP32=dot_fp32, HAS_RANGES=has_ranges)
 
     samples = _scratch(device, "samples", (rows, SAMPLE), torch.float32)
     thresholds = _scratch(device, "thresholds", (rows,), torch.int32)
@@ -165,17 +180,17 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, row_lengths: torch.Tenso
     out_indices = torch.empty(rows, k, dtype=torch.int64, device=device)
     try:
         launch(_sample_kernel, (n_lead * m_blocks, SAMPLE // block_n),
-               (q3, k3, lengths_arg, samples, n, m, k3.stride(0), k3.stride(1)), dict(**tile, SAMPLE=SAMPLE),
+               (q3, k3, ranges_arg, samples, n, m, k3.stride(0), k3.stride(1)), dict(**tile, SAMPLE=SAMPLE),
                num_warps=4)
-        launch(_threshold_kernel, (rows,), (samples, lengths_arg, thresholds, n, k, rows_per_kv),
-               dict(HAS_LENGTHS=has_lengths, SAMPLE=SAMPLE, SIGMAS=SAMPLE_SIGMAS, SLACK=SAMPLE_SLACK),
+        launch(_threshold_kernel, (rows,), (samples, ranges_arg, thresholds, n, k, rows_per_kv),
+               dict(HAS_RANGES=has_ranges, SAMPLE=SAMPLE, SIGMAS=SAMPLE_SIGMAS, SLACK=SAMPLE_SLACK),
                num_warps=THRESHOLD_WARPS)
         launch(_score_kernel, (n_lead * m_blocks, cdiv(n, per_split)),
-               (q3, k3, lengths_arg, thresholds, candidates, workspace, n, m, k3.stride(0), k3.stride(1), per_split,
+               (q3, k3, ranges_arg, thresholds, candidates, workspace, n, m, k3.stride(0), k3.stride(1), per_split,
                 row_stride),
                dict(**tile, WIDTH=WORKSPACE_WIDTH), num_warps=8 if block_n == 128 else 4)
         launch(_finalize_kernel, (rows,),
-               (q3, k3, lengths_arg, thresholds, candidates, workspace, out_scores, out_indices, n, m, k,
+               (q3, k3, ranges_arg, thresholds, candidates, workspace, out_scores, out_indices, n, m, k,
                 k3.stride(0), k3.stride(1), row_stride),
                dict(**tile, NB=HIST_BINS, BLOCK_F=_finalize_block(n, k), WIDTH=WORKSPACE_WIDTH), num_warps=8)
     except BaseException:
@@ -261,11 +276,14 @@ if HAS_TRITON:
         return (key ^ ((key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _row_length(len_ptr, row, rows_per_kv, N, HAS_LENGTHS: tl.constexpr):
-        length = N
-        if HAS_LENGTHS:
-            length = tl.load(len_ptr + row // rows_per_kv)
-        return length
+    def _row_range(rng_ptr, row, rows_per_kv, N, HAS_RANGES: tl.constexpr):
+        """The valid keys [start, end) of output row ``row`` (every key without ranges)."""
+        start = 0
+        end = N
+        if HAS_RANGES:
+            start = tl.load(rng_ptr + 2 * (row // rows_per_kv))
+            end = tl.load(rng_ptr + 2 * (row // rows_per_kv) + 1)
+        return start, end
 
     @triton.jit
     def _pick_bin(hist, need, NB: tl.constexpr):
@@ -316,9 +334,9 @@ if HAS_TRITON:
         return rows, rows_ok
 
     @triton.jit(do_not_specialize=["N"])
-    def _sample_kernel(q_ptr, k_ptr, len_ptr, smp_ptr, N, M, stride_kl, stride_kn, D: tl.constexpr,
+    def _sample_kernel(q_ptr, k_ptr, rng_ptr, smp_ptr, N, M, stride_kl, stride_kn, D: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       REDUCE_GROUP: tl.constexpr, DOT_FP32: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                       REDUCE_GROUP: tl.constexpr, DOT_FP32: tl.constexpr, HAS_RANGES: tl.constexpr,
                        SAMPLE: tl.constexpr):
         """Scores of BLOCK_N of the SAMPLE keys sampled from one KV row: one key per stratum of length // SAMPLE
         keys, at a hashed offset inside it (every key, in order, when the row holds at most SAMPLE); -inf past
@@ -328,11 +346,12 @@ if HAS_TRITON:
         lead, mb = pid // m_blocks, pid % m_blocks
         q, m_ok = _query_block(q_ptr, lead, mb, M, D, BLOCK_D, BLOCK_M, DOT_FP32)
         rows, rows_ok = _output_rows(lead, mb * BLOCK_M + tl.arange(0, BLOCK_M), m_ok, M, REDUCE_GROUP)
-        length = _row_length(len_ptr, lead, 1, N, HAS_LENGTHS)
+        first, end = _row_range(rng_ptr, lead, 1, N, HAS_RANGES)
+        length = end - first
         stratum = tl.maximum(length // SAMPLE, 1)
         j = part * BLOCK_N + tl.arange(0, BLOCK_N)
         hashed = ((j.to(tl.uint32) * 2654435761) >> 7).to(tl.int64)
-        n = tl.where(length > SAMPLE, j.to(tl.int64) * length // SAMPLE + hashed % stratum, j)
+        n = first + tl.where(length > SAMPLE, j.to(tl.int64) * length // SAMPLE + hashed % stratum, j)
         sampled = j < tl.minimum(length, SAMPLE)
         s = _tile_scores(q, m_ok, k_ptr + lead.to(tl.int64) * stride_kl, n, sampled, stride_kn, D, BLOCK_D,
                          REDUCE_GROUP, DOT_FP32)
@@ -340,12 +359,13 @@ if HAS_TRITON:
         tl.store(smp_ptr + rows[:, None].to(tl.int64) * SAMPLE + j[None, :], s, mask=rows_ok[:, None])
 
     @triton.jit(do_not_specialize=["N", "k"])
-    def _threshold_kernel(smp_ptr, len_ptr, thr_ptr, N, k, rows_per_kv, HAS_LENGTHS: tl.constexpr,
+    def _threshold_kernel(smp_ptr, rng_ptr, thr_ptr, N, k, rows_per_kv, HAS_RANGES: tl.constexpr,
                           SAMPLE: tl.constexpr, SIGMAS: tl.constexpr, SLACK: tl.constexpr):
         """One row's candidate threshold: the r-th largest of its sampled scores (:func:`_sample_rank`), found by
         halving [min, max] on the values until at most ~1.25 r samples lie above the lower end."""
         row = tl.program_id(0)
-        length = _row_length(len_ptr, row, rows_per_kv, N, HAS_LENGTHS)
+        first, end = _row_range(rng_ptr, row, rows_per_kv, N, HAS_RANGES)
+        length = end - first
         sampled = tl.minimum(length, SAMPLE)
         j = tl.arange(0, SAMPLE)
         s = tl.load(smp_ptr + row.to(tl.int64) * SAMPLE + j)
@@ -368,10 +388,10 @@ if HAS_TRITON:
         tl.store(thr_ptr + row, tl.where(k_eff > 0, _ordered_key(lo), 2147483647))
 
     @triton.jit(do_not_specialize=["N"])
-    def _score_kernel(q_ptr, k_ptr, len_ptr, thr_ptr, cand_ptr, ws_ptr, N, M, stride_kl, stride_kn, per_split,
+    def _score_kernel(q_ptr, k_ptr, rng_ptr, thr_ptr, cand_ptr, ws_ptr, N, M, stride_kl, stride_kn, per_split,
                       row_stride, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, REDUCE_GROUP: tl.constexpr, DOT_FP32: tl.constexpr,
-                      HAS_LENGTHS: tl.constexpr, WIDTH: tl.constexpr):
+                      HAS_RANGES: tl.constexpr, WIDTH: tl.constexpr):
         """Stream a span of one KV row's keys once, score them against BLOCK_M query rows on the tensor cores, and
         append (key << 32 | index) of every valid key at or above its row's threshold to the row's candidates (an
         atomic per such key); then raise the row's largest candidate key. Nothing else is written."""
@@ -381,17 +401,18 @@ if HAS_TRITON:
         q, m_ok = _query_block(q_ptr, lead, mb, M, D, BLOCK_D, BLOCK_M, DOT_FP32)
         rows, rows_ok = _output_rows(lead, mb * BLOCK_M + tl.arange(0, BLOCK_M), m_ok, M, REDUCE_GROUP)
         threshold = tl.load(thr_ptr + rows, mask=rows_ok, other=2147483647)
-        length = _row_length(len_ptr, lead, 1, N, HAS_LENGTHS)
+        first, end = _row_range(rng_ptr, lead, 1, N, HAS_RANGES)
         key_base = k_ptr + lead.to(tl.int64) * stride_kl
         ws_rows = ws_ptr + rows * WIDTH
         base = rows.to(tl.int64) * row_stride
         largest = tl.full(threshold.shape, -2147483648, tl.int32)
-        start = split * per_split
-        for n0 in range(start, tl.minimum(start + per_split, length), BLOCK_N):
+        span = split * per_split  # a multiple of BLOCK_N, as is the first tile holding a valid key
+        for n0 in range(tl.maximum(span, first // BLOCK_N * BLOCK_N), tl.minimum(span + per_split, end), BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
-            s = _tile_scores(q, m_ok, key_base, n, n < length, stride_kn, D, BLOCK_D, REDUCE_GROUP, DOT_FP32)
+            valid = (n >= first) & (n < end)
+            s = _tile_scores(q, m_ok, key_base, n, valid, stride_kn, D, BLOCK_D, REDUCE_GROUP, DOT_FP32)
             key = _ordered_key(s)
-            take = rows_ok[:, None] & (n < length)[None, :] & (key >= threshold[:, None])
+            take = rows_ok[:, None] & valid[None, :] & (key >= threshold[:, None])
             # a slot per passing key (a few per row and tile): no scan, no layout change of the dot's result
             slot = tl.atomic_add(ws_rows[:, None] + tl.zeros_like(n)[None, :], 1, mask=take, sem="relaxed")
             tl.store(cand_ptr + base[:, None] + slot, (key.to(tl.int64) << 32) | n[None, :], mask=take)
@@ -401,10 +422,10 @@ if HAS_TRITON:
                       (largest ^ -2147483648).to(tl.uint32, bitcast=True), mask=rows_ok, sem="relaxed")
 
     @triton.jit(do_not_specialize=["N", "k"])
-    def _finalize_kernel(q_ptr, k_ptr, len_ptr, thr_ptr, cand_ptr, ws_ptr, out_s_ptr, out_i_ptr, N, M, k,
+    def _finalize_kernel(q_ptr, k_ptr, rng_ptr, thr_ptr, cand_ptr, ws_ptr, out_s_ptr, out_i_ptr, N, M, k,
                          stride_kl, stride_kn, row_stride, D: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, REDUCE_GROUP: tl.constexpr,
-                         DOT_FP32: tl.constexpr, HAS_LENGTHS: tl.constexpr, NB: tl.constexpr, BLOCK_F: tl.constexpr,
+                         DOT_FP32: tl.constexpr, HAS_RANGES: tl.constexpr, NB: tl.constexpr, BLOCK_F: tl.constexpr,
                          WIDTH: tl.constexpr):
         """One program per output row: its exact Top-k from its candidates, then its workspace zeroed again for the
         next call. If fewer than k keys passed the sampled threshold (a > 5-sigma miss, or adversarial input), the
@@ -413,8 +434,8 @@ if HAS_TRITON:
         rows_per_kv = 1 if REDUCE_GROUP else M
         lead = row // rows_per_kv
         ws_row = ws_ptr + row * WIDTH
-        length = _row_length(len_ptr, lead, 1, N, HAS_LENGTHS)
-        k_eff = tl.minimum(k, length)
+        first, end = _row_range(rng_ptr, lead, 1, N, HAS_RANGES)
+        k_eff = tl.minimum(k, end - first)
         count = tl.load(ws_row)
         lo = tl.load(thr_ptr + row).to(tl.int64)
         hi = (tl.load(ws_row + 1) ^ -2147483648).to(tl.int64)
@@ -424,15 +445,15 @@ if HAS_TRITON:
             q, m_ok = _query_block(q_ptr, lead, m // BLOCK_M, M, D, BLOCK_D, BLOCK_M, DOT_FP32)
             mine = (m // BLOCK_M) * BLOCK_M + tl.arange(0, BLOCK_M) == m
             key_base = k_ptr + lead.to(tl.int64) * stride_kl
-            for n0 in range(0, length, BLOCK_N):
+            for n0 in range(first, end, BLOCK_N):
                 n = n0 + tl.arange(0, BLOCK_N)
-                s = _tile_scores(q, m_ok, key_base, n, n < length, stride_kn, D, BLOCK_D, REDUCE_GROUP, DOT_FP32)
+                s = _tile_scores(q, m_ok, key_base, n, n < end, stride_kn, D, BLOCK_D, REDUCE_GROUP, DOT_FP32)
                 if not REDUCE_GROUP:
                     s = tl.sum(tl.where(mine[:, None], s, 0.0), axis=0, keep_dims=True)
                 key = tl.reshape(_ordered_key(s), (BLOCK_N,))
-                tl.store(cand_row + n, (key.to(tl.int64) << 32) | n, mask=n < length)
+                tl.store(cand_row + n - first, (key.to(tl.int64) << 32) | n, mask=n < end)
             tl.debug_barrier()  # the rescanned candidates are read back below
-            count = length
+            count = end - first
             lo = tl.full((), -2147483648, tl.int64)
             hi = tl.full((), 2147483647, tl.int64)
         _finalize_row(cand_row, count, lo, hi, k_eff, k, N, out_s_ptr + row.to(tl.int64) * k,
