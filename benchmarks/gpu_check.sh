@@ -16,7 +16,8 @@ rc=0
 for stage in $stages; do
   echo "=== $stage $(date +%T)"
   case $stage in
-    tests) python3 -m pytest -m gpu tests/test_kernels_gpu.py tests/test_decoding.py -q -p no:cacheprovider \
+    tests) python3 -m pytest -m gpu tests/test_kernels_gpu.py tests/test_fp8_index.py tests/test_decoding.py \
+             tests/test_lightning.py tests/test_indexers_approx.py -q -p no:cacheprovider \
              --durations=5 -x 2>&1 | tail -n 40 > "$out/gpu_tests.log" || rc=1
            tail -n 12 "$out/gpu_tests.log" ;;
     profile) python3 benchmarks/profile_kernels.py --out "$out/profile.md" 2>&1 | tail -n 30 || rc=1 ;;
