@@ -40,6 +40,7 @@ import statistics
 import time
 
 import torch
+from bench_kernels import replay_seconds
 
 from topklab.decoding.generate import GreedyStep
 from topklab.decoding.hf import attention_hook, cache_keyword, dense_attention, static_cache
@@ -214,17 +215,7 @@ def graph_ms(fn, device: str, reps: int = 20) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=torch.cuda.Stream()):
         fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
+    return 1000 * replay_seconds(graph, reps)
 
 
 @contextlib.contextmanager
