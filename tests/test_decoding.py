@@ -446,6 +446,15 @@ def test_greedy_decoding_rejects_bad_input():
         greedy_generate(model, ids, 8, max_cache_len=12)
     with pytest.raises(ValueError, match="needs both attention_mask"):
         GreedyStep(model, cache, ids[:, -1:], attention_mask=torch.ones(1, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"attention_mask must be \[B, max_cache_len\] = \[1, 16\]"):
+        GreedyStep(model, cache, ids[:, -1:], attention_mask=torch.ones(1, 10, dtype=torch.long),
+                   positions=torch.ones(1, 1, dtype=torch.long))  # the prompt's mask: new tokens would be masked
+    with pytest.raises(ValueError, match="warmup must be >= 1"):
+        GreedyStep(model, cache, ids[:, -1:], warmup=0)
+    step = prefill_static(model, ids, 12)
+    step(), step()
+    with pytest.raises(ValueError, match="static cache of 12 positions is full after 2 steps"):
+        step()
     with pytest.raises(ValueError, match="leaves no room"):
         prefill_static(model, ids, 10)
     with pytest.raises(ValueError, match="must match input_ids"):
@@ -454,6 +463,15 @@ def test_greedy_decoding_rejects_bad_input():
     add_generate_arguments(parser)
     with pytest.raises(ValueError, match="needs a CUDA --device"):  # before any model is loaded
         run_generate(parser.parse_args(["hello", "--k", "4", "--cuda-graph", "--device", "cpu"]))
+
+
+def test_cuda_graph_cli_text_stops_at_end_of_sequence():
+    from topklab.decoding.generate import _until_eos
+
+    tokens = torch.tensor([5, 9, 2, 7, 2])
+    assert _until_eos(tokens, 2).tolist() == [5, 9, 2]
+    assert _until_eos(tokens, [7, 9]).tolist() == [5, 9]
+    assert _until_eos(tokens, None).tolist() == tokens.tolist()
 
 
 @pytest.mark.gpu

@@ -232,13 +232,27 @@ def test_topk_rescans_a_row_when_the_sampled_threshold_misses(kernels, rng, monk
     """A threshold placed too high (here: forced to about the row's maximum) leaves fewer than k candidates: the
     finalize must rescan the row and still return the exact Top-k, also for rows shorter than the sample."""
     monkeypatch.setattr(kernels.topk, "SAMPLE_SLACK", -1e6)
-    q, keys = _randn(rng, 2, 4, 32), _randn(rng, 2, 2, 5000, 32)  # 5000 > SAMPLE keys: sampled rows
+    monkeypatch.setattr(kernels.topk, "SAMPLE", 256)  # both rows sampled (a fully sampled row never misses)
+    q, keys = _randn(rng, 2, 4, 32), _randn(rng, 2, 2, 5000, 32)
     lengths = torch.tensor([5000, 700])
     got = kernels.topk.topk(q, keys, 64, lengths=lengths, per_kv_head=per_kv_head)
     ref = kernels.topk.topk_reference(q, keys, 64, lengths=lengths, per_kv_head=per_kv_head)
     _check_topk_close(got, ref, q, keys, lengths=lengths, per_kv_head=per_kv_head)
     workspace = kernels.topk._SCRATCH[kernels.topk._scratch_key(q.device)]["workspace"]
     assert not bool(workspace.any())
+
+
+def test_topk_with_k_close_to_a_sampled_rows_length(kernels, rng):
+    """k above the sample size on a sampled row: every valid key is a candidate (no rescan needed), still exact."""
+    q, keys = _randn(rng, 1, 2, 16), _randn(rng, 1, 1, 5000, 16)
+    lengths = torch.tensor([4500])
+    got = kernels.topk.topk(q, keys, 4300, lengths=lengths)
+    _check_topk_close(got, kernels.topk.topk_reference(q, keys, 4300, lengths=lengths), q, keys, lengths=lengths)
+
+
+def test_topk_of_an_empty_batch(kernels, rng):
+    scores, indices = kernels.topk.topk(_randn(rng, 0, 4, 16), _randn(rng, 0, 2, 50, 16), 5)
+    assert scores.shape == indices.shape == (0, 4, 5)
 
 
 def test_topk_sample_rank_bounds_the_miss_probability():

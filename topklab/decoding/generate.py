@@ -41,12 +41,19 @@ class GreedyStep:
                              "Python int that a graph would freeze)")
         if token.dim() != 2 or token.shape[1] != 1:
             raise ValueError(f"token must be [batch, 1] (the last token of each sequence), got {tuple(token.shape)}")
+        if warmup < 1:
+            raise ValueError(f"warmup must be >= 1 eager step (kernels compile before a capture), got {warmup}")
         if (attention_mask is None) != (positions is None):
             raise ValueError("a padded batch needs both attention_mask [B, max_cache_len] and positions [B, 1]")
-        if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[0] != token.shape[0]
-                                           or positions.shape != token.shape):
-            raise ValueError(f"attention_mask must be [B, max_cache_len] and positions [B, 1] for B = "
-                             f"{token.shape[0]}, got {tuple(attention_mask.shape)} and {tuple(positions.shape)}")
+        self.capacity = max(layer.max_cache_len for layer in cache.layers)
+        if attention_mask is not None:
+            # a narrower mask would be zero-padded by transformers: every new token masked out as padding
+            if attention_mask.shape != (token.shape[0], self.capacity) or positions.shape != token.shape:
+                raise ValueError(f"attention_mask must be [B, max_cache_len] = [{token.shape[0]}, {self.capacity}] "
+                                 f"(1 past the prompt) and positions [B, 1]; got {tuple(attention_mask.shape)} and "
+                                 f"{tuple(positions.shape)}")
+            if attention_mask.device != token.device or positions.device != token.device:
+                raise ValueError(f"attention_mask and positions must be on the tokens' device ({token.device})")
         self.model, self.cache = model, cache
         self.token = token.clone()
         self.padding = None if attention_mask is None else dict(attention_mask=attention_mask,
@@ -55,6 +62,7 @@ class GreedyStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self._keyword = cache_keyword(model)
         self._calls = 0
+        self._room = self.capacity - int(cache.get_seq_length())  # positions left in the cache (one host read)
 
     @torch.no_grad()
     def _step(self) -> None:
@@ -65,6 +73,8 @@ class GreedyStep:
             self.padding["position_ids"].add_(1)
 
     def __call__(self) -> torch.Tensor:
+        if self._calls >= self._room:  # a graph replay past the end would write out of bounds on the device
+            raise ValueError(f"the static cache of {self.capacity} positions is full after {self._calls} steps")
         self._calls += 1
         if self.graph is not None:
             self.graph.replay()
@@ -83,6 +93,8 @@ class GreedyStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, stream=torch.cuda.Stream()):
             self._step()
+        # the graph's private pool keeps its buffers; unregistered, no later call on a recycled stream handle uses them
+        clear_scratch()
 
 
 @torch.no_grad()
@@ -115,7 +127,8 @@ def greedy_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tok
                     max_cache_len: int | None = None) -> torch.Tensor:
     """Greedy continuation ``[B, max_new_tokens]`` of ``input_ids [B, T]`` (left-padded where ``attention_mask``
     says so) over a static cache (`prefill_static`, then `GreedyStep`); with ``cuda_graph`` the steps are replayed
-    from a CUDA graph. The tokens equal ``model.generate(..., do_sample=False)`` without early stopping."""
+    from a CUDA graph. The tokens equal ``model.generate(..., do_sample=False)`` without early stopping at an
+    end-of-sequence token and without the generation config's logits processors."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     length = input_ids.shape[1] + max_new_tokens
@@ -127,6 +140,13 @@ def greedy_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tok
     tokens = [step.token.clone()]
     tokens += [step().clone() for _ in range(max_new_tokens - 1)]
     return torch.cat(tokens, dim=1)
+
+
+def _until_eos(tokens: torch.Tensor, eos: int | list[int] | None) -> torch.Tensor:
+    """``tokens`` cut after the first end-of-sequence token, where ``model.generate`` stops."""
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    hits = torch.isin(tokens, torch.tensor(ids, device=tokens.device)).nonzero()
+    return tokens if len(hits) == 0 else tokens[: int(hits[0, 0]) + 1]
 
 
 def parse_k(text: str) -> int | float:
@@ -189,7 +209,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
     def generate() -> str:
         if args.cuda_graph:
-            new = greedy_generate(model, encoded.input_ids, args.max_new_tokens, cuda_graph=True)[0]
+            new = _until_eos(greedy_generate(model, encoded.input_ids, args.max_new_tokens, cuda_graph=True)[0],
+                             model.generation_config.eos_token_id or tokenizer.eos_token_id)
         else:
             out = model.generate(**encoded, max_new_tokens=args.max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)

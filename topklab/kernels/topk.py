@@ -1,25 +1,26 @@
 """Exact Top-k selection for one decode step, near the cost of reading K once.
 
-Three kernels instead of q.K^T + torch.topk (which writes the scores, then reads them many times with one block per
+Four kernels instead of q.K^T + torch.topk (which writes the scores, then reads them many times with one block per
 row):
 
-1. ``_threshold_kernel`` scores a stratified sample of SAMPLE keys per row and takes a value ``t`` that about
-   ``lam + 5 sqrt(lam) + 5`` samples reach (lam = the expected number of the row's top k in the sample): with
-   overwhelming probability at least k keys score >= t, and only about 1.2-3k of them do (every key is sampled
-   when the row holds at most SAMPLE keys: then t is the exact k-th score).
-2. ``_score_kernel`` streams K once (many programs per KV head), scores the G query heads of the group on the
-   tensor cores and appends only the keys scoring >= t to the row's candidates (one atomic per row and tile). No
-   score is written: the pass moves K's bytes and little else.
-3. ``_finalize_kernel`` (one program per row) finds the exact k-th largest candidate by narrowing radix histograms
+1. ``_sample_kernel`` scores a stratified sample of SAMPLE keys of each row (one per stratum, at a hashed offset;
+   every valid key when the row holds at most SAMPLE), many programs per row.
+2. ``_threshold_kernel`` (one program per row) takes a value ``t`` that about ``lam + 5 sqrt(lam) + 5`` samples
+   reach (lam = the expected number of the row's top k in the sample): with overwhelming probability at least k
+   keys score >= t, and about 1.2-3k of them do. Fully sampled rows: at least k keys reach t, always.
+3. ``_score_kernel`` streams K once (many programs per KV head), scores the G query heads of the group on the
+   tensor cores and appends only the keys scoring >= t to the row's candidates (an atomic per candidate, on a
+   counter with a cache line of its own). No score is written: the pass moves K's bytes and little else.
+4. ``_finalize_kernel`` (one program per row) finds the exact k-th largest candidate by narrowing radix histograms
    over [t, largest candidate] (7 bits a pass, the candidates held in registers; ties go to the lower index),
    writes the k winners and zeroes the row's workspace for the next call. Where fewer than k keys reached t (a
    5-sigma miss, or inputs built against the sample), it rescans the row and selects among every key: slower,
-   still exact.
+   still exact, since the candidates are exactly the keys >= t whatever the sample's numerics.
 
 Scratch buffers (samples, thresholds, candidates, the workspace of counters) are kept per device and stream and
 reused; the workspace is all zeros between calls, so no memset is launched. Scores and indices come back unordered
 unless ``sorted=True`` (a torch sort of the k winners). Scores are compared through an integer key whose signed
-order is the float order, and every kernel scores a key the same way, so every step is exact.
+order is the float order. Valid keys may be a range ``[start, end)`` per sequence (left padding), read on the device.
 """
 
 from __future__ import annotations
@@ -68,10 +69,9 @@ def topk(q: torch.Tensor, keys: torch.Tensor, k: int, *, lengths: torch.Tensor |
 
 
 def topk_reference(q: torch.Tensor, keys: torch.Tensor, k: int, *, lengths: torch.Tensor | None = None,
-                   starts: torch.Tensor | None = None, per_kv_head: bool = False,
-                   sorted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                   starts: torch.Tensor | None = None, per_kv_head: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain torch: fp32 q.K^T, keys outside [start, length) masked, a stable sort (ties to the lower index), the
-    first k."""
+    first k, best first."""
     q3, k3, out_shape = _fold(q, keys, per_kv_head)
     check_k(k, k3.shape[1])
     ranges = _row_ranges(lengths, starts, keys, k3.shape[0])
@@ -121,7 +121,8 @@ def _fold(q: torch.Tensor, keys: torch.Tensor, per_kv_head: bool):
 def _row_ranges(lengths: torch.Tensor | None, starts: torch.Tensor | None, keys: torch.Tensor,
                 n_lead: int) -> torch.Tensor | None:
     """Valid keys ``[start, end)`` per folded KV row, ``[L, 2]`` int32, from per-sequence ``starts`` / ``lengths``
-    ``[B]`` (None when both are None: every key is valid)."""
+    ``[B]`` (None when both are None: every key is valid). Both are clamped to [0, N] and an end before its start
+    to the start (no valid key)."""
     if lengths is None and starts is None:
         return None
     b, n = keys.shape[0], keys.shape[-2]
@@ -134,7 +135,7 @@ def _row_ranges(lengths: torch.Tensor | None, starts: torch.Tensor | None, keys:
             raise ValueError(f"{name} must be a 1-D tensor of {b} per-sequence key positions")
         if value.dtype.is_floating_point or value.dtype == torch.bool or value.device != keys.device:
             raise ValueError(f"{name} must be an integer tensor on the keys' device ({keys.device})")
-        bounds.append(value.to(torch.int32).clamp(0, n))
+        bounds.append(value.clamp(0, n).to(torch.int32))
     start, end = bounds
     return torch.stack([start, torch.maximum(start, end)], dim=1).repeat_interleave(n_lead // b, dim=0)
 
@@ -156,6 +157,8 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, ranges: torch.Tensor | N
     n_lead, m, d = q3.shape
     n = k3.shape[1]
     rows = n_lead if per_kv_head else n_lead * m
+    if rows == 0:  # an empty batch
+        return q3.new_empty(0, k, dtype=torch.float32), q3.new_empty(0, k, dtype=torch.int64)
     rows_per_kv = rows // n_lead
     device = k3.device
     block_n = 64 if k3.dtype == torch.float32 else 128
@@ -385,7 +388,9 @@ if HAS_TRITON:
             lo = tl.where(move, mid, lo)
             above = tl.where(move, count, above)
             steps += 1
-        tl.store(thr_ptr + row, tl.where(k_eff > 0, _ordered_key(lo), 2147483647))
+        # a rank as large as the sample (k close to the row's keys) bounds nothing: every valid key is a candidate
+        threshold = tl.where((rank >= sampled) & (sampled < length), -2147483648, _ordered_key(lo))
+        tl.store(thr_ptr + row, tl.where(k_eff > 0, threshold, 2147483647))
 
     @triton.jit(do_not_specialize=["N"])
     def _score_kernel(q_ptr, k_ptr, rng_ptr, thr_ptr, cand_ptr, ws_ptr, N, M, stride_kl, stride_kn, per_split,
