@@ -145,7 +145,7 @@ def test_fp8_index_scores_rejects_bad_input(rng):
     (2, 8, 2, 1000, 64, 37),     # GQA, odd N and k
     (1, 3, 3, 333, 48, 333),     # k = N, non-power-of-two d
     (2, 4, 1, 777, 32, 1),       # k = 1
-    (1, 4, 2, 4100, 64, 16),     # large blocks of keys (block maxima over 64 keys), several programs per row
+    (1, 4, 2, 4100, 64, 16),     # more keys than SAMPLE: a sampled threshold, several programs per row
 ])
 def test_topk_kernel_matches_reference(kernels, rng, dtype, b, hq, hkv, n, d, k):
     q, keys = _randn(rng, b, hq, d, dtype=dtype), _randn(rng, b, hkv, n, d, dtype=dtype)
@@ -216,10 +216,10 @@ def test_topk_all_scores_equal_takes_the_first_k(kernels, rng, n):
 
 
 def test_topk_leaves_its_workspace_zeroed_for_the_next_call(kernels, rng):
-    """The histograms and counters are reused without a memset: each call must clear every row it used."""
-    q, keys = _randn(rng, 2, 4, 32), _randn(rng, 2, 2, 4500, 32)  # two collect programs per row
+    """The candidate counters are reused without a memset: each call must clear every row it used."""
+    q, keys = _randn(rng, 2, 4, 32), _randn(rng, 2, 2, 4500, 32)  # a sampled row and a short one
     lengths = torch.tensor([4500, 17])
-    first = kernels.topk.topk(q, keys, 20, lengths=lengths)  # blocks of 32: level 0 in the score pass
+    first = kernels.topk.topk(q, keys, 20, lengths=lengths)
     workspace = kernels.topk._SCRATCH[kernels.topk._scratch_key(q.device)]["workspace"]
     assert workspace.numel() >= 8 * kernels.topk.WORKSPACE_WIDTH and not bool(workspace.any())
     again = kernels.topk.topk(q, keys, 20, lengths=lengths)
