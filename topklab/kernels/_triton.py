@@ -48,6 +48,14 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``, for sizing grids (the interpreter runs programs one by one: there, few
+    larger programs are faster)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
 _COMPILED: dict[tuple, object] = {}
 _DIRECT_LAUNCH = [True]
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from topklab.kernels._triton import HAS_TRITON, cdiv, launch, next_pow2, tl, triton, use_triton
-from topklab.kernels.topk import _sm_count
+from topklab.kernels._triton import HAS_TRITON, cdiv, launch, next_pow2, sm_count, tl, triton, use_triton
 
 FP8_MAX = 448.0
 FP8_DTYPE = torch.float8_e4m3fn
@@ -127,7 +126,7 @@ def fp8_index_scores(q_fp8, q_scale, k_fp8, k_scale, weights) -> torch.Tensor:
     query_groups = cdiv(M, queries)
     tiles = cdiv(N, block_n)
     # a few programs per SM in all; each scores a run of key tiles against its queries, loaded once
-    programs = max(1, min(tiles, programs_per_sm * _sm_count(q_fp8.device) // (B * query_groups)))
+    programs = max(1, min(tiles, programs_per_sm * sm_count(q_fp8.device) // (B * query_groups)))
     tiles_per_program = cdiv(tiles, programs)
     launch(_fp8_index_kernel, (cdiv(tiles, tiles_per_program), query_groups, B),
            (q_fp8, q_scale, k_fp8, k_scale, weights, out, M, N, H, tiles_per_program),

@@ -10,8 +10,18 @@ from __future__ import annotations
 
 import torch
 
-from topklab.kernels._triton import HAS_TRITON, cdiv, interpreting, launch, next_pow2, tl, triton, use_triton
-from topklab.kernels.topk import _scratch, _sm_count, topk, topk_reference
+from topklab.kernels._triton import (
+    HAS_TRITON,
+    cdiv,
+    interpreting,
+    launch,
+    next_pow2,
+    sm_count,
+    tl,
+    triton,
+    use_triton,
+)
+from topklab.kernels.topk import _scratch, topk, topk_reference
 
 
 def sparse_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
@@ -104,7 +114,7 @@ def _attend(q, keys, values, indices, scale: float, selected_scores: torch.Tenso
     idx = indices.reshape(b * n_sel, k).contiguous()
     sel_rows = b * n_sel
     block_k = 64
-    splits = max(1, min(cdiv(k, block_k), cdiv(4 * _sm_count(q.device), sel_rows)))
+    splits = max(1, min(cdiv(k, block_k), cdiv(4 * sm_count(q.device), sel_rows)))
     per_split = cdiv(cdiv(k, splits), block_k) * block_k
     splits = cdiv(k, per_split)
     block_m = max(16, next_pow2(group))

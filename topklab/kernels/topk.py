@@ -31,7 +31,17 @@ import math
 import torch
 
 from topklab.checks import check_k
-from topklab.kernels._triton import HAS_TRITON, cdiv, interpreting, launch, next_pow2, tl, triton, use_triton
+from topklab.kernels._triton import (
+    HAS_TRITON,
+    cdiv,
+    interpreting,
+    launch,
+    next_pow2,
+    sm_count,
+    tl,
+    triton,
+    use_triton,
+)
 
 HIST_BINS = 128  # 7 radix bits a finalize pass
 # per row: candidate count, largest candidate key (both zero between calls), padded to a 128-byte line of its own:
@@ -59,10 +69,10 @@ def topk(q: torch.Tensor, keys: torch.Tensor, k: int, *, lengths: torch.Tensor |
     """
     q3, k3, out_shape = _fold(q, keys, per_kv_head)
     check_k(k, k3.shape[1])
-    ranges = _row_ranges(lengths, starts, keys, k3.shape[0])
+    bounds = _sequence_bounds(starts, lengths, keys)
     if not use_triton(k3):
         return topk_reference(q, keys, k, lengths=lengths, starts=starts, per_kv_head=per_kv_head)
-    scores, indices = _select(q3, k3, k, ranges, per_kv_head)
+    scores, indices = _select(q3, k3, k, bounds, keys.shape[0], per_kv_head)
     if sorted:
         scores, indices = _sort_best_first(scores, indices)
     return scores.view(*out_shape, k), indices.view(*out_shape, k)
@@ -74,14 +84,16 @@ def topk_reference(q: torch.Tensor, keys: torch.Tensor, k: int, *, lengths: torc
     first k, best first."""
     q3, k3, out_shape = _fold(q, keys, per_kv_head)
     check_k(k, k3.shape[1])
-    ranges = _row_ranges(lengths, starts, keys, k3.shape[0])
+    first, end = _sequence_bounds(starts, lengths, keys)
     scores = torch.matmul(q3.float(), k3.float().transpose(1, 2))  # [L, M, N]
     if per_kv_head:
         scores = scores.sum(dim=1, keepdim=True)
-    if ranges is not None:
-        positions = torch.arange(k3.shape[1], device=k3.device)
-        outside = (positions < ranges[:, :1, None]) | (positions >= ranges[:, 1:, None])
-        scores = scores.masked_fill(outside, float("-inf"))
+    positions = torch.arange(k3.shape[1], device=k3.device)
+    leads_per_seq = k3.shape[0] // keys.shape[0]
+    if first is not None:
+        scores = scores.masked_fill(positions < first.repeat_interleave(leads_per_seq).view(-1, 1, 1), float("-inf"))
+    if end is not None:
+        scores = scores.masked_fill(positions >= end.repeat_interleave(leads_per_seq).view(-1, 1, 1), float("-inf"))
     top_scores, top_idx = torch.sort(scores, dim=-1, descending=True, stable=True)
     top_scores, top_idx = top_scores[..., :k], top_idx[..., :k]
     top_idx = top_idx.masked_fill(top_scores == float("-inf"), -1)
@@ -118,26 +130,24 @@ def _fold(q: torch.Tensor, keys: torch.Tensor, per_kv_head: bool):
     return q3, keys.reshape(-1, n, d), out_shape
 
 
-def _row_ranges(lengths: torch.Tensor | None, starts: torch.Tensor | None, keys: torch.Tensor,
-                n_lead: int) -> torch.Tensor | None:
-    """Valid keys ``[start, end)`` per folded KV row, ``[L, 2]`` int32, from per-sequence ``starts`` / ``lengths``
-    ``[B]`` (None when both are None: every key is valid). Both are clamped to [0, N] and an end before its start
-    to the start (no valid key)."""
-    if lengths is None and starts is None:
-        return None
+def _sequence_bounds(starts: torch.Tensor | None, lengths: torch.Tensor | None,
+                     keys: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Each sequence's first valid key and one past its last, ``[B]`` int32 on the keys' device (None: 0 / N).
+
+    The kernels clamp them to [0, N] (an end before its start: no valid key), so int32 values pass through without
+    a launch: a decode step's ranges cost nothing on the host. Wider integers are clamped before their cast."""
     b, n = keys.shape[0], keys.shape[-2]
     bounds = []
-    for name, value, default in (("starts", starts, 0), ("lengths", lengths, n)):
-        if value is None:
-            bounds.append(torch.full((b,), default, dtype=torch.int32, device=keys.device))
-            continue
-        if not isinstance(value, torch.Tensor) or value.dim() != 1 or value.shape[0] != b:
-            raise ValueError(f"{name} must be a 1-D tensor of {b} per-sequence key positions")
-        if value.dtype.is_floating_point or value.dtype == torch.bool or value.device != keys.device:
-            raise ValueError(f"{name} must be an integer tensor on the keys' device ({keys.device})")
-        bounds.append(value.clamp(0, n).to(torch.int32))
-    start, end = bounds
-    return torch.stack([start, torch.maximum(start, end)], dim=1).repeat_interleave(n_lead // b, dim=0)
+    for name, value in (("starts", starts), ("lengths", lengths)):
+        if value is not None:
+            if not isinstance(value, torch.Tensor) or value.dim() != 1 or value.shape[0] != b:
+                raise ValueError(f"{name} must be a 1-D tensor of {b} per-sequence key positions")
+            if value.dtype.is_floating_point or value.dtype == torch.bool or value.device != keys.device:
+                raise ValueError(f"{name} must be an integer tensor on the keys' device ({keys.device})")
+            if value.dtype != torch.int32:
+                value = value.clamp(0, n).to(torch.int32)
+        bounds.append(value)
+    return bounds[0], bounds[1]
 
 
 def _sort_best_first(scores: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,7 +159,7 @@ def _sort_best_first(scores: torch.Tensor, indices: torch.Tensor) -> tuple[torch
     return scores.gather(-1, order), indices.gather(-1, order)
 
 
-def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, ranges: torch.Tensor | None, per_kv_head: bool):
+def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, bounds: tuple, sequences: int, per_kv_head: bool):
     """The launches. Returns unordered ``scores [R, k]`` and ``indices [R, k]`` (R = output rows)."""
     if k3.stride(-1) != 1:
         k3 = k3.contiguous()
@@ -159,7 +169,7 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, ranges: torch.Tensor | N
     rows = n_lead if per_kv_head else n_lead * m
     if rows == 0:  # an empty batch
         return q3.new_empty(0, k, dtype=torch.float32), q3.new_empty(0, k, dtype=torch.int64)
-    rows_per_kv = rows // n_lead
+    leads_per_seq = n_lead // sequences
     device = k3.device
     block_n = 64 if k3.dtype == torch.float32 else 128
     block_m = max(16, next_pow2(min(m, MAX_GROUP_BLOCK)))
@@ -167,13 +177,12 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, ranges: torch.Tensor | N
     # row strides padded to 16 so that Triton's divisibility specialisation stays fixed as N grows while decoding
     # (N itself is not specialised): one compilation per configuration, vectorised row accesses
     row_stride = _round16(n)
-    splits = max(1, min(cdiv(n, block_n), cdiv(4 * _sm_count(device), n_lead * m_blocks)))
+    splits = max(1, min(cdiv(n, block_n), cdiv(4 * sm_count(device), n_lead * m_blocks)))
     per_split = cdiv(cdiv(n, splits), block_n) * block_n
-    has_ranges = ranges is not None
-    ranges_arg = ranges if has_ranges else q3  # unused pointer when every key is valid
+    starts, ends = (q3 if bound is None else bound for bound in bounds)  # q3: an unused pointer
     dot_fp32 = k3.dtype == torch.float32 or q3.dtype == torch.float32 or interpreting() or q3.dtype != k3.dtype
     tile = dict(D=d, BLOCK_D=max(16, next_pow2(d)), BLOCK_M=block_m, BLOCK_N=block_n, REDUCE_GROUP=per_kv_head,
-                DOT_FP32=dot_fp32, HAS_RANGES=has_ranges)
+                DOT_FP32=dot_fp32, HAS_STARTS=bounds[0] is not None, HAS_ENDS=bounds[1] is not None)
 
     samples = _scratch(device, "samples", (rows, SAMPLE), torch.float32)
     thresholds = _scratch(device, "thresholds", (rows,), torch.int32)
@@ -183,18 +192,20 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, ranges: torch.Tensor | N
     out_indices = torch.empty(rows, k, dtype=torch.int64, device=device)
     try:
         launch(_sample_kernel, (n_lead * m_blocks, SAMPLE // block_n),
-               (q3, k3, ranges_arg, samples, n, m, k3.stride(0), k3.stride(1)), dict(**tile, SAMPLE=SAMPLE),
+               (q3, k3, starts, ends, leads_per_seq, samples, n, m, k3.stride(0), k3.stride(1)),
+               dict(**tile, SAMPLE=SAMPLE),
                num_warps=4)
-        launch(_threshold_kernel, (rows,), (samples, ranges_arg, thresholds, n, k, rows_per_kv),
-               dict(HAS_RANGES=has_ranges, SAMPLE=SAMPLE, SIGMAS=SAMPLE_SIGMAS, SLACK=SAMPLE_SLACK),
+        launch(_threshold_kernel, (rows,), (samples, starts, ends, rows // sequences, thresholds, n, k),
+               dict(HAS_STARTS=tile["HAS_STARTS"], HAS_ENDS=tile["HAS_ENDS"], SAMPLE=SAMPLE, SIGMAS=SAMPLE_SIGMAS,
+                    SLACK=SAMPLE_SLACK),
                num_warps=THRESHOLD_WARPS)
         launch(_score_kernel, (n_lead * m_blocks, cdiv(n, per_split)),
-               (q3, k3, ranges_arg, thresholds, candidates, workspace, n, m, k3.stride(0), k3.stride(1), per_split,
-                row_stride),
+               (q3, k3, starts, ends, leads_per_seq, thresholds, candidates, workspace, n, m, k3.stride(0),
+                k3.stride(1), per_split, row_stride),
                dict(**tile, WIDTH=WORKSPACE_WIDTH), num_warps=8 if block_n == 128 else 4)
         launch(_finalize_kernel, (rows,),
-               (q3, k3, ranges_arg, thresholds, candidates, workspace, out_scores, out_indices, n, m, k,
-                k3.stride(0), k3.stride(1), row_stride),
+               (q3, k3, starts, ends, leads_per_seq, thresholds, candidates, workspace, out_scores, out_indices, n,
+                m, k, k3.stride(0), k3.stride(1), row_stride),
                dict(**tile, NB=HIST_BINS, BLOCK_F=_finalize_block(n, k), WIDTH=WORKSPACE_WIDTH), num_warps=8)
     except BaseException:
         _SCRATCH.get(_scratch_key(device), {}).pop("workspace", None)  # a failed launch can leave it dirty
@@ -260,12 +271,6 @@ def _round16(x: int) -> int:
     return (x + 15) // 16 * 16
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter runs programs one by one: few, larger programs are faster there
-
-
 if HAS_TRITON:
 
     @triton.jit
@@ -279,13 +284,14 @@ if HAS_TRITON:
         return (key ^ ((key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _row_range(rng_ptr, row, rows_per_kv, N, HAS_RANGES: tl.constexpr):
-        """The valid keys [start, end) of output row ``row`` (every key without ranges)."""
+    def _row_range(start_ptr, end_ptr, seq, N, HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr):
+        """The valid keys [start, end) of sequence ``seq``, clamped to [0, N] (every key without bounds)."""
         start = 0
         end = N
-        if HAS_RANGES:
-            start = tl.load(rng_ptr + 2 * (row // rows_per_kv))
-            end = tl.load(rng_ptr + 2 * (row // rows_per_kv) + 1)
+        if HAS_STARTS:
+            start = tl.minimum(tl.maximum(tl.load(start_ptr + seq), 0), N)
+        if HAS_ENDS:
+            end = tl.minimum(tl.maximum(tl.load(end_ptr + seq), start), N)
         return start, end
 
     @triton.jit
@@ -337,10 +343,10 @@ if HAS_TRITON:
         return rows, rows_ok
 
     @triton.jit(do_not_specialize=["N"])
-    def _sample_kernel(q_ptr, k_ptr, rng_ptr, smp_ptr, N, M, stride_kl, stride_kn, D: tl.constexpr,
-                       BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       REDUCE_GROUP: tl.constexpr, DOT_FP32: tl.constexpr, HAS_RANGES: tl.constexpr,
-                       SAMPLE: tl.constexpr):
+    def _sample_kernel(q_ptr, k_ptr, start_ptr, end_ptr, leads_per_seq, smp_ptr, N, M, stride_kl, stride_kn,
+                       D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       REDUCE_GROUP: tl.constexpr, DOT_FP32: tl.constexpr, HAS_STARTS: tl.constexpr,
+                       HAS_ENDS: tl.constexpr, SAMPLE: tl.constexpr):
         """Scores of BLOCK_N of the SAMPLE keys sampled from one KV row: one key per stratum of length // SAMPLE
         keys, at a hashed offset inside it (every key, in order, when the row holds at most SAMPLE); -inf past
         the row's sample."""
@@ -349,7 +355,7 @@ if HAS_TRITON:
         lead, mb = pid // m_blocks, pid % m_blocks
         q, m_ok = _query_block(q_ptr, lead, mb, M, D, BLOCK_D, BLOCK_M, DOT_FP32)
         rows, rows_ok = _output_rows(lead, mb * BLOCK_M + tl.arange(0, BLOCK_M), m_ok, M, REDUCE_GROUP)
-        first, end = _row_range(rng_ptr, lead, 1, N, HAS_RANGES)
+        first, end = _row_range(start_ptr, end_ptr, lead // leads_per_seq, N, HAS_STARTS, HAS_ENDS)
         length = end - first
         stratum = tl.maximum(length // SAMPLE, 1)
         j = part * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -362,12 +368,12 @@ if HAS_TRITON:
         tl.store(smp_ptr + rows[:, None].to(tl.int64) * SAMPLE + j[None, :], s, mask=rows_ok[:, None])
 
     @triton.jit(do_not_specialize=["N", "k"])
-    def _threshold_kernel(smp_ptr, rng_ptr, thr_ptr, N, k, rows_per_kv, HAS_RANGES: tl.constexpr,
-                          SAMPLE: tl.constexpr, SIGMAS: tl.constexpr, SLACK: tl.constexpr):
+    def _threshold_kernel(smp_ptr, start_ptr, end_ptr, rows_per_seq, thr_ptr, N, k, HAS_STARTS: tl.constexpr,
+                          HAS_ENDS: tl.constexpr, SAMPLE: tl.constexpr, SIGMAS: tl.constexpr, SLACK: tl.constexpr):
         """One row's candidate threshold: the r-th largest of its sampled scores (:func:`_sample_rank`), found by
         halving [min, max] on the values until at most ~1.25 r samples lie above the lower end."""
         row = tl.program_id(0)
-        first, end = _row_range(rng_ptr, row, rows_per_kv, N, HAS_RANGES)
+        first, end = _row_range(start_ptr, end_ptr, row // rows_per_seq, N, HAS_STARTS, HAS_ENDS)
         length = end - first
         sampled = tl.minimum(length, SAMPLE)
         j = tl.arange(0, SAMPLE)
@@ -393,10 +399,10 @@ if HAS_TRITON:
         tl.store(thr_ptr + row, tl.where(k_eff > 0, threshold, 2147483647))
 
     @triton.jit(do_not_specialize=["N"])
-    def _score_kernel(q_ptr, k_ptr, rng_ptr, thr_ptr, cand_ptr, ws_ptr, N, M, stride_kl, stride_kn, per_split,
-                      row_stride, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, REDUCE_GROUP: tl.constexpr, DOT_FP32: tl.constexpr,
-                      HAS_RANGES: tl.constexpr, WIDTH: tl.constexpr):
+    def _score_kernel(q_ptr, k_ptr, start_ptr, end_ptr, leads_per_seq, thr_ptr, cand_ptr, ws_ptr, N, M, stride_kl,
+                      stride_kn, per_split, row_stride, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, REDUCE_GROUP: tl.constexpr,
+                      DOT_FP32: tl.constexpr, HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr, WIDTH: tl.constexpr):
         """Stream a span of one KV row's keys once, score them against BLOCK_M query rows on the tensor cores, and
         append (key << 32 | index) of every valid key at or above its row's threshold to the row's candidates (an
         atomic per such key); then raise the row's largest candidate key. Nothing else is written."""
@@ -406,7 +412,7 @@ if HAS_TRITON:
         q, m_ok = _query_block(q_ptr, lead, mb, M, D, BLOCK_D, BLOCK_M, DOT_FP32)
         rows, rows_ok = _output_rows(lead, mb * BLOCK_M + tl.arange(0, BLOCK_M), m_ok, M, REDUCE_GROUP)
         threshold = tl.load(thr_ptr + rows, mask=rows_ok, other=2147483647)
-        first, end = _row_range(rng_ptr, lead, 1, N, HAS_RANGES)
+        first, end = _row_range(start_ptr, end_ptr, lead // leads_per_seq, N, HAS_STARTS, HAS_ENDS)
         key_base = k_ptr + lead.to(tl.int64) * stride_kl
         ws_rows = ws_ptr + rows * WIDTH
         base = rows.to(tl.int64) * row_stride
@@ -427,11 +433,11 @@ if HAS_TRITON:
                       (largest ^ -2147483648).to(tl.uint32, bitcast=True), mask=rows_ok, sem="relaxed")
 
     @triton.jit(do_not_specialize=["N", "k"])
-    def _finalize_kernel(q_ptr, k_ptr, rng_ptr, thr_ptr, cand_ptr, ws_ptr, out_s_ptr, out_i_ptr, N, M, k,
-                         stride_kl, stride_kn, row_stride, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, REDUCE_GROUP: tl.constexpr,
-                         DOT_FP32: tl.constexpr, HAS_RANGES: tl.constexpr, NB: tl.constexpr, BLOCK_F: tl.constexpr,
-                         WIDTH: tl.constexpr):
+    def _finalize_kernel(q_ptr, k_ptr, start_ptr, end_ptr, leads_per_seq, thr_ptr, cand_ptr, ws_ptr, out_s_ptr,
+                         out_i_ptr, N, M, k, stride_kl, stride_kn, row_stride, D: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         REDUCE_GROUP: tl.constexpr, DOT_FP32: tl.constexpr, HAS_STARTS: tl.constexpr,
+                         HAS_ENDS: tl.constexpr, NB: tl.constexpr, BLOCK_F: tl.constexpr, WIDTH: tl.constexpr):
         """One program per output row: its exact Top-k from its candidates, then its workspace zeroed again for the
         next call. If fewer than k keys passed the sampled threshold (a > 5-sigma miss, or adversarial input), the
         program rescans the row itself and takes every valid key as a candidate: slow, exact, rare."""
@@ -439,7 +445,7 @@ if HAS_TRITON:
         rows_per_kv = 1 if REDUCE_GROUP else M
         lead = row // rows_per_kv
         ws_row = ws_ptr + row * WIDTH
-        first, end = _row_range(rng_ptr, lead, 1, N, HAS_RANGES)
+        first, end = _row_range(start_ptr, end_ptr, lead // leads_per_seq, N, HAS_STARTS, HAS_ENDS)
         k_eff = tl.minimum(k, end - first)
         count = tl.load(ws_row)
         lo = tl.load(thr_ptr + row).to(tl.int64)
