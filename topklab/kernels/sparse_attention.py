@@ -10,17 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from topklab.kernels._triton import (
-    HAS_TRITON,
-    cdiv,
-    interpreting,
-    launch,
-    next_pow2,
-    sm_count,
-    tl,
-    triton,
-    use_triton,
-)
+from topklab.kernels._triton import HAS_TRITON, cdiv, interpreting, launch, next_pow2, sm_count, tl, triton
+from topklab.kernels._triton import use_triton
 from topklab.kernels.topk import _scratch, topk, topk_reference
 
 

@@ -31,17 +31,8 @@ import math
 import torch
 
 from topklab.checks import check_k
-from topklab.kernels._triton import (
-    HAS_TRITON,
-    cdiv,
-    interpreting,
-    launch,
-    next_pow2,
-    sm_count,
-    tl,
-    triton,
-    use_triton,
-)
+from topklab.kernels._triton import HAS_TRITON, cdiv, interpreting, launch, next_pow2, sm_count, tl, triton
+from topklab.kernels._triton import use_triton
 
 HIST_BINS = 128  # 7 radix bits a finalize pass
 # per row: candidate count, largest candidate key (both zero between calls), padded to a 128-byte line of its own:
