@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from topklab.kernels._triton import HAS_TRITON, cdiv, launch, next_pow2, sm_count, tl, triton, use_triton
+from topklab.kernels._triton import HAS_TRITON, cdiv, launch, next_pow2, pdl_enter, sm_count, tl, triton
+from topklab.kernels._triton import use_triton
 
 FP8_MAX = 448.0
 FP8_DTYPE = torch.float8_e4m3fn
@@ -154,7 +155,7 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["M", "N", "tiles_per_program"])  # the cache grows a key a step: compile once
     def _fp8_index_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, w_ptr, out_ptr, M, N, H, tiles_per_program,
                           D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                          QUERIES: tl.constexpr, PRODUCTS: tl.constexpr):
+                          QUERIES: tl.constexpr, PRODUCTS: tl.constexpr, PDL: tl.constexpr):
         """A run of key tiles [BLOCK_N, d] of one sequence against the QUERIES x H index heads of a query group.
 
         The heads of the group's queries are the columns of PRODUCTS (1 or 2) FP8 products per key tile, keys as
@@ -162,6 +163,7 @@ if HAS_TRITON:
         w * ReLU(q.k * s_q * s_k) = s_k * (w * s_q) * ReLU(q.k): a max and a fused multiply-add per product
         element, the key scale once per row.
         """
+        pdl_enter(PDL)
         pid_n, pid_m, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         cols = tl.arange(0, QUERIES * BLOCK_H)  # column j: head j % BLOCK_H of query j // BLOCK_H of the group
         m = pid_m * QUERIES + cols // BLOCK_H

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from topklab.kernels._triton import HAS_TRITON, cdiv, interpreting, launch, next_pow2, sm_count, tl, triton
-from topklab.kernels._triton import use_triton
+from topklab.kernels._triton import pdl_enter, use_triton
 from topklab.kernels.topk import _scratch, topk, topk_reference
 
 
@@ -131,8 +131,10 @@ if HAS_TRITON:
     def _sparse_attention_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, sel_ptr, pmax_ptr, psum_ptr, pacc_ptr, scale, K,
                                  group, sel_per_kv, stride_kl, stride_kn, per_split, splits,
                                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                                 BLOCK_K: tl.constexpr, HAS_SCORES: tl.constexpr, DOT_FP32: tl.constexpr):
+                                 BLOCK_K: tl.constexpr, HAS_SCORES: tl.constexpr, DOT_FP32: tl.constexpr,
+                                 PDL: tl.constexpr):
         """One selection row's query heads over one split of its selected keys: online softmax state."""
+        pdl_enter(PDL)
         row, split = tl.program_id(0), tl.program_id(1)
         m = tl.arange(0, BLOCK_M)
         dd = tl.arange(0, BLOCK_D)
@@ -182,8 +184,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _merge_kernel(pmax_ptr, psum_ptr, pacc_ptr, out_ptr, group, splits, D: tl.constexpr,
-                      BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
+                      BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
         """Merge the splits' softmax states of one query head of a selection row; zeros where nothing was selected."""
+        pdl_enter(PDL)
         row, g = tl.program_id(0), tl.program_id(1)
         sp = tl.arange(0, BLOCK_S)
         dd = tl.arange(0, BLOCK_D)

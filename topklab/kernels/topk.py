@@ -32,7 +32,7 @@ import torch
 
 from topklab.checks import check_k
 from topklab.kernels._triton import HAS_TRITON, cdiv, interpreting, launch, next_pow2, sm_count, tl, triton
-from topklab.kernels._triton import use_triton
+from topklab.kernels._triton import pdl_enter, use_triton
 
 HIST_BINS = 128  # 7 radix bits a finalize pass
 # per row: candidate count, largest candidate key (both zero between calls), padded to a 128-byte line of its own:
@@ -337,10 +337,11 @@ if HAS_TRITON:
     def _sample_kernel(q_ptr, k_ptr, start_ptr, end_ptr, leads_per_seq, smp_ptr, N, M, stride_kl, stride_kn,
                        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        REDUCE_GROUP: tl.constexpr, DOT_FP32: tl.constexpr, HAS_STARTS: tl.constexpr,
-                       HAS_ENDS: tl.constexpr, SAMPLE: tl.constexpr):
+                       HAS_ENDS: tl.constexpr, SAMPLE: tl.constexpr, PDL: tl.constexpr):
         """Scores of BLOCK_N of the SAMPLE keys sampled from one KV row: one key per stratum of length // SAMPLE
         keys, at a hashed offset inside it (every key, in order, when the row holds at most SAMPLE); -inf past
         the row's sample."""
+        pdl_enter(PDL)
         pid, part = tl.program_id(0), tl.program_id(1)
         m_blocks = tl.cdiv(M, BLOCK_M)
         lead, mb = pid // m_blocks, pid % m_blocks
@@ -360,9 +361,11 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["N", "k"])
     def _threshold_kernel(smp_ptr, start_ptr, end_ptr, rows_per_seq, thr_ptr, N, k, HAS_STARTS: tl.constexpr,
-                          HAS_ENDS: tl.constexpr, SAMPLE: tl.constexpr, SIGMAS: tl.constexpr, SLACK: tl.constexpr):
+                          HAS_ENDS: tl.constexpr, SAMPLE: tl.constexpr, SIGMAS: tl.constexpr, SLACK: tl.constexpr,
+                          PDL: tl.constexpr):
         """One row's candidate threshold: the r-th largest of its sampled scores (:func:`_sample_rank`), found by
         halving [min, max] on the values until at most ~1.25 r samples lie above the lower end."""
+        pdl_enter(PDL)
         row = tl.program_id(0)
         first, end = _row_range(start_ptr, end_ptr, row // rows_per_seq, N, HAS_STARTS, HAS_ENDS)
         length = end - first
@@ -393,10 +396,12 @@ if HAS_TRITON:
     def _score_kernel(q_ptr, k_ptr, start_ptr, end_ptr, leads_per_seq, thr_ptr, cand_ptr, ws_ptr, N, M, stride_kl,
                       stride_kn, per_split, row_stride, D: tl.constexpr, BLOCK_D: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, REDUCE_GROUP: tl.constexpr,
-                      DOT_FP32: tl.constexpr, HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr, WIDTH: tl.constexpr):
+                      DOT_FP32: tl.constexpr, HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr, WIDTH: tl.constexpr,
+                      PDL: tl.constexpr):
         """Stream a span of one KV row's keys once, score them against BLOCK_M query rows on the tensor cores, and
         append (key << 32 | index) of every valid key at or above its row's threshold to the row's candidates (an
         atomic per such key); then raise the row's largest candidate key. Nothing else is written."""
+        pdl_enter(PDL)
         pid, split = tl.program_id(0), tl.program_id(1)
         m_blocks = tl.cdiv(M, BLOCK_M)
         lead, mb = pid // m_blocks, pid % m_blocks
@@ -428,10 +433,12 @@ if HAS_TRITON:
                          out_i_ptr, N, M, k, stride_kl, stride_kn, row_stride, D: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          REDUCE_GROUP: tl.constexpr, DOT_FP32: tl.constexpr, HAS_STARTS: tl.constexpr,
-                         HAS_ENDS: tl.constexpr, NB: tl.constexpr, BLOCK_F: tl.constexpr, WIDTH: tl.constexpr):
+                         HAS_ENDS: tl.constexpr, NB: tl.constexpr, BLOCK_F: tl.constexpr, WIDTH: tl.constexpr,
+                         PDL: tl.constexpr):
         """One program per output row: its exact Top-k from its candidates, then its workspace zeroed again for the
         next call. If fewer than k keys passed the sampled threshold (a > 5-sigma miss, or adversarial input), the
         program rescans the row itself and takes every valid key as a candidate: slow, exact, rare."""
+        pdl_enter(PDL)
         row = tl.program_id(0)
         rows_per_kv = 1 if REDUCE_GROUP else M
         lead = row // rows_per_kv
