@@ -215,6 +215,27 @@ def test_topk_all_scores_equal_takes_the_first_k(kernels, rng, n):
     assert torch.equal(indices, torch.arange(40).expand(1, 2, 40))
 
 
+@pytest.mark.parametrize("cut_block,finalize_block", [(512, None), (1, None), (512, 64)])
+def test_topk_finalize_paths_are_exact(kernels, rng, monkeypatch, cut_block, finalize_block):
+    """After its first radix pass the finalize copies the cut's bin out and narrows it alone (when it holds at most
+    CUT_BLOCK candidates; 1 forces the passes over every candidate); candidates past its register block are read
+    in chunks (a block of 64 forces that): each path exact, ties to the lower index included."""
+    monkeypatch.setattr(kernels.topk, "CUT_BLOCK", cut_block)
+    if finalize_block:
+        monkeypatch.setattr(kernels.topk, "_finalize_block", lambda n, k: finalize_block)
+    for make in (_randn, _small_ints):
+        q, keys = make(rng, 2, 4, 16), make(rng, 2, 2, 4500, 16)
+        kernels.topk.clear_scratch()
+        cut_bins = kernels.topk._scratch(q.device, "cut_bins", (4096,), torch.int64, zeroed=True)
+        got = kernels.topk.topk(q, keys, 150)
+        ref = kernels.topk.topk_reference(q, keys, 150)
+        if make is _small_ints:
+            assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+        else:
+            _check_topk_close(got, ref, q, keys)
+            assert bool(cut_bins.any()) == (cut_block > 1), "the cut's bin was (not) copied out"
+
+
 def test_topk_leaves_its_workspace_zeroed_for_the_next_call(kernels, rng):
     """The candidate counters are reused without a memset: each call must clear every row it used."""
     q, keys = _randn(rng, 2, 4, 32), _randn(rng, 2, 2, 4500, 32)  # a sampled row and a short one

@@ -12,7 +12,8 @@ row):
    tensor cores and appends only the keys scoring >= t to the row's candidates (an atomic per candidate, on a
    counter with a cache line of its own). No score is written: the pass moves K's bytes and little else.
 4. ``_finalize_kernel`` (one program per row) finds the exact k-th largest candidate by narrowing radix histograms
-   over [t, largest candidate] (7 bits a pass, the candidates held in registers; ties go to the lower index),
+   over [t, largest candidate] (7 bits a pass, the candidates held in registers; after the first pass usually over
+   the few hundred left in the cut's bin alone, copied out; ties go to the lower index),
    writes the k winners and zeroes the row's workspace for the next call. Where fewer than k keys reached t (a
    5-sigma miss, or inputs built against the sample), it rescans the row and selects among every key: slower,
    still exact, since the candidates are exactly the keys >= t whatever the sample's numerics.
@@ -43,6 +44,7 @@ SAMPLE = 4096  # keys sampled per row to place its candidate threshold
 SAMPLE_SIGMAS, SAMPLE_SLACK = 5.0, 5.0
 THRESHOLD_WARPS = 4  # the bisection over one row's samples (1 and 4 warps measured within 3% on the H100)
 MAX_GROUP_BLOCK = 64  # query rows scored together against one key tile
+CUT_BLOCK = 512  # the finalize's passes after the first run over the cut's bin alone when it holds at most this many
 
 
 def topk(q: torch.Tensor, keys: torch.Tensor, k: int, *, lengths: torch.Tensor | None = None,
@@ -179,6 +181,9 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, bounds: tuple, sequences
     thresholds = _scratch(device, "thresholds", (rows,), torch.int32)
     candidates = _scratch(device, "candidates", (rows, row_stride), torch.int64)
     workspace = _scratch(device, "workspace", (rows, WORKSPACE_WIDTH), torch.int32, zeroed=True)
+    block_f = _finalize_block(n, k)
+    block_s = min(CUT_BLOCK, block_f // 4)
+    cut_bins = _scratch(device, "cut_bins", (rows, block_s), torch.int64)
     out_scores = torch.empty(rows, k, dtype=torch.float32, device=device)
     out_indices = torch.empty(rows, k, dtype=torch.int64, device=device)
     try:
@@ -195,9 +200,9 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, bounds: tuple, sequences
                 k3.stride(1), per_split, row_stride),
                dict(**tile, WIDTH=WORKSPACE_WIDTH), num_warps=8 if block_n == 128 else 4)
         launch(_finalize_kernel, (rows,),
-               (q3, k3, starts, ends, leads_per_seq, thresholds, candidates, workspace, out_scores, out_indices, n,
-                m, k, k3.stride(0), k3.stride(1), row_stride),
-               dict(**tile, NB=HIST_BINS, BLOCK_F=_finalize_block(n, k), WIDTH=WORKSPACE_WIDTH), num_warps=8)
+               (q3, k3, starts, ends, leads_per_seq, thresholds, candidates, workspace, cut_bins, out_scores,
+                out_indices, n, m, k, k3.stride(0), k3.stride(1), row_stride),
+               dict(**tile, NB=HIST_BINS, BLOCK_F=block_f, BLOCK_S=block_s, WIDTH=WORKSPACE_WIDTH), num_warps=8)
     except BaseException:
         _SCRATCH.get(_scratch_key(device), {}).pop("workspace", None)  # a failed launch can leave it dirty
         raise
@@ -364,7 +369,7 @@ if HAS_TRITON:
                           HAS_ENDS: tl.constexpr, SAMPLE: tl.constexpr, SIGMAS: tl.constexpr, SLACK: tl.constexpr,
                           PDL: tl.constexpr):
         """One row's candidate threshold: the r-th largest of its sampled scores (:func:`_sample_rank`), found by
-        halving [min, max] on the values until at most ~1.25 r samples lie above the lower end."""
+        halving [min, max] on the values until at most ~1.06 r samples lie above the lower end."""
         pdl_enter(PDL)
         row = tl.program_id(0)
         first, end = _row_range(start_ptr, end_ptr, row // rows_per_seq, N, HAS_STARTS, HAS_ENDS)
@@ -380,7 +385,7 @@ if HAS_TRITON:
         hi = tl.max(s, axis=0)
         above = sampled  # values >= lo
         steps = 0
-        while (steps < 40) & (above > rank + rank // 4 + 8) & (hi > lo):
+        while (steps < 40) & (above > rank + rank // 16 + 2) & (hi > lo):
             mid = lo * 0.5 + hi * 0.5
             count = tl.sum((s >= mid).to(tl.int32), axis=0)
             move = (count >= rank) & (mid > lo)
@@ -429,12 +434,12 @@ if HAS_TRITON:
                       (largest ^ -2147483648).to(tl.uint32, bitcast=True), mask=rows_ok, sem="relaxed")
 
     @triton.jit(do_not_specialize=["N", "k"])
-    def _finalize_kernel(q_ptr, k_ptr, start_ptr, end_ptr, leads_per_seq, thr_ptr, cand_ptr, ws_ptr, out_s_ptr,
-                         out_i_ptr, N, M, k, stride_kl, stride_kn, row_stride, D: tl.constexpr,
+    def _finalize_kernel(q_ptr, k_ptr, start_ptr, end_ptr, leads_per_seq, thr_ptr, cand_ptr, ws_ptr, cut_ptr,
+                         out_s_ptr, out_i_ptr, N, M, k, stride_kl, stride_kn, row_stride, D: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          REDUCE_GROUP: tl.constexpr, DOT_FP32: tl.constexpr, HAS_STARTS: tl.constexpr,
-                         HAS_ENDS: tl.constexpr, NB: tl.constexpr, BLOCK_F: tl.constexpr, WIDTH: tl.constexpr,
-                         PDL: tl.constexpr):
+                         HAS_ENDS: tl.constexpr, NB: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_S: tl.constexpr,
+                         WIDTH: tl.constexpr, PDL: tl.constexpr):
         """One program per output row: its exact Top-k from its candidates, then its workspace zeroed again for the
         next call. If fewer than k keys passed the sampled threshold (a > 5-sigma miss, or adversarial input), the
         program rescans the row itself and takes every valid key as a candidate: slow, exact, rare."""
@@ -466,51 +471,59 @@ if HAS_TRITON:
             lo = tl.full((), -2147483648, tl.int64)
             hi = tl.full((), 2147483647, tl.int64)
         _finalize_row(cand_row, count, lo, hi, k_eff, k, N, out_s_ptr + row.to(tl.int64) * k,
-                      out_i_ptr + row.to(tl.int64) * k, NB, BLOCK_F)
+                      out_i_ptr + row.to(tl.int64) * k, cut_ptr + row.to(tl.int64) * BLOCK_S, NB, BLOCK_F, BLOCK_S)
         tl.store(ws_row + tl.arange(0, 2), tl.zeros((2,), tl.int32))
 
     @triton.jit
-    def _candidate_histogram(packed, ok, phase, tie_key, lo, hi, shift, NB: tl.constexpr):
-        """Histogram of one chunk of candidates over [lo, hi] in NB bins of 2**shift (phase 1: ties by -index)."""
+    def _in_range(packed, ok, phase, tie_key, lo, hi):
+        """Which candidates lie in the narrowed range [lo, hi], and their sort keys: the score key in phase 0; in
+        phase 1 (the cut fell on a tie at key == tie_key) minus the index, so that lower indices rank first."""
         key = packed >> 32
         sort_key = tl.where(phase == 0, key, -(packed & 0xFFFFFFFF))
-        ok = ok & ((phase == 0) | (key == tie_key)) & (sort_key >= lo) & (sort_key <= hi)
-        return tl.histogram(tl.where(ok, (sort_key - lo) >> shift, 0).to(tl.int32), NB, mask=ok)
+        # a select, not (phase == 0) | ...: Triton's interpreter gives that mix of scalar and block an int32 array
+        inside = tl.where(phase == 0, ok, ok & (key == tie_key)) & (sort_key >= lo) & (sort_key <= hi)
+        return inside, sort_key
+
+    @triton.jit
+    def _candidate_histogram(packed, ok, phase, tie_key, lo, hi, shift, NB: tl.constexpr):
+        """Histogram of one chunk of candidates over [lo, hi] in NB bins of 2**shift."""
+        inside, sort_key = _in_range(packed, ok, phase, tie_key, lo, hi)
+        return tl.histogram(tl.where(inside, (sort_key - lo) >> shift, 0).to(tl.int32), NB, mask=inside)
+
+    @triton.jit
+    def _append_slots(take, written):
+        """Slots of the taken elements, in order, after ``written`` earlier ones; and the new count."""
+        ones = tl.where(take, 1, 0)  # not take.to(): Triton's interpreter casts a mask in place
+        return written + tl.cumsum(ones, axis=0) - 1, written + tl.sum(ones, axis=0)
 
     @triton.jit
     def _write_winners(packed, ok, cut_key, cut_index, written, out_s_ptr, out_i_ptr):
         key = packed >> 32
         index = packed & 0xFFFFFFFF
         win = ok & ((key > cut_key) | ((key == cut_key) & (index <= cut_index)))
-        slot = written + tl.cumsum(win.to(tl.int32), axis=0) - 1
+        slot, written = _append_slots(win, written)
         tl.store(out_s_ptr + slot, _key_to_float(key.to(tl.int32)), mask=win)
         tl.store(out_i_ptr + slot, index, mask=win)
-        return written + tl.sum(win.to(tl.int32), axis=0)
+        return written
 
     @triton.jit
-    def _finalize_row(cand_ptr, count, lo, hi, k_eff, k, N, out_s_ptr, out_i_ptr, NB: tl.constexpr,
-                      BLOCK_F: tl.constexpr):
-        """Exact Top-k of a row's ``count`` candidates, whose keys lie in [lo, hi]: narrow the range by radix
-        histograms until the cut is known, then write the winners (and -inf / -1 past k_eff). The first
-        BLOCK_F candidates (usually all of them) stay in registers for every pass."""
-        offs = tl.arange(0, BLOCK_F)
-        resident = tl.load(cand_ptr + offs, mask=offs < count, other=0)
-        need = k_eff.to(tl.int64)
-        # phase 0 narrows on the score key; phase 1 breaks a tie at key == tie_key by lowest index (key2 = -index)
-        phase = tl.full((), 0, tl.int32)
-        tie_key = tl.full((), 0, tl.int64)
-        cut_key = lo - 1  # winners: key > cut_key, or key == cut_key and index <= cut_index
-        cut_index = tl.full((), -1, tl.int64)
-        done = need <= 0
-        steps = tl.full((), 0, tl.int32)
-        while (~done) & (steps < 80):
+    def _narrow(cand_ptr, resident, count, lo, hi, need, phase, tie_key, cut_key, cut_index, done, in_bin, N,
+                max_passes, NB: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Up to ``max_passes`` radix passes over ``count`` candidates (the first BLOCK ``resident`` in registers,
+        the rest read from ``cand_ptr`` in chunks of BLOCK_C): each histograms the range [lo, hi] and keeps the bin
+        holding the need-th largest, until that bin is needed whole (``done``; winners: key > cut_key, or key ==
+        cut_key and index <= cut_index). ``in_bin``: the candidates left in [lo, hi]."""
+        offs = tl.arange(0, BLOCK)
+        chunk = tl.arange(0, BLOCK_C)
+        passes = 0
+        while (~done) & (passes < max_passes):
             shift = tl.full((), 0, tl.int64)
             while ((hi - lo) >> shift) >= NB:
                 shift += 1
             hist = _candidate_histogram(resident, offs < count, phase, tie_key, lo, hi, shift, NB)
-            for i0 in range(BLOCK_F, count, BLOCK_F):
-                packed = tl.load(cand_ptr + i0 + offs, mask=i0 + offs < count, other=0)
-                hist += _candidate_histogram(packed, i0 + offs < count, phase, tie_key, lo, hi, shift, NB)
+            for i0 in range(BLOCK, count, BLOCK_C):
+                packed = tl.load(cand_ptr + i0 + chunk, mask=i0 + chunk < count, other=0)
+                hist += _candidate_histogram(packed, i0 + chunk < count, phase, tie_key, lo, hi, shift, NB)
             b, need, in_bin = _pick_bin(hist, need, NB)
             new_lo = lo + (b << shift)
             new_hi = tl.minimum(hi, new_lo + (tl.full((), 1, tl.int64) << shift) - 1)
@@ -522,13 +535,52 @@ if HAS_TRITON:
             lo = tl.where(tie, -(N - 1), new_lo)
             hi = tl.where(tie, 0, new_hi)
             phase = tl.where(tie, 1, phase)
-            steps += 1
+            passes += 1
+        return lo, hi, need, phase, tie_key, cut_key, cut_index, done, in_bin
+
+    @triton.jit
+    def _finalize_row(cand_ptr, count, lo, hi, k_eff, k, N, out_s_ptr, out_i_ptr, cut_ptr, NB: tl.constexpr,
+                      BLOCK_F: tl.constexpr, BLOCK_S: tl.constexpr):
+        """Exact Top-k of a row's ``count`` candidates, whose keys lie in [lo, hi], then the winners written (and
+        -inf / -1 past k_eff). The first BLOCK_F candidates (usually all) stay in registers. One radix pass over
+        all of them; then, if at most BLOCK_S candidates are left in the cut's bin (the usual case), those are
+        copied to ``cut_ptr`` and the passes go on over them alone (a pass over every candidate costs ~2 us at
+        4096 of them on the H100: the slowest row's passes set the kernel's time)."""
+        offs = tl.arange(0, BLOCK_F)
+        resident = tl.load(cand_ptr + offs, mask=offs < count, other=0)
+        need = k_eff.to(tl.int64)
+        phase = tl.full((), 0, tl.int32)
+        tie_key = tl.full((), 0, tl.int64)
+        cut_key = lo - 1
+        cut_index = tl.full((), -1, tl.int64)
+        state = _narrow(cand_ptr, resident, count, lo, hi, need, phase, tie_key, cut_key, cut_index, need <= 0,
+                        count, N, 1, NB, BLOCK_F, BLOCK_F // 4)
+        lo, hi, need, phase, tie_key, cut_key, cut_index, done, in_bin = state
+        if (~done) & (in_bin <= BLOCK_S):
+            inside, _ = _in_range(resident, offs < count, phase, tie_key, lo, hi)
+            slot, copied = _append_slots(inside, tl.full((), 0, tl.int32))
+            tl.store(cut_ptr + slot, resident, mask=inside)
+            chunk = tl.arange(0, BLOCK_F // 4)
+            for i0 in range(BLOCK_F, count, BLOCK_F // 4):
+                packed = tl.load(cand_ptr + i0 + chunk, mask=i0 + chunk < count, other=0)
+                inside, _ = _in_range(packed, i0 + chunk < count, phase, tie_key, lo, hi)
+                slot, copied = _append_slots(inside, copied)
+                tl.store(cut_ptr + slot, packed, mask=inside)
+            tl.debug_barrier()  # the copies are read back by other threads
+            small = tl.load(cut_ptr + tl.arange(0, BLOCK_S), mask=tl.arange(0, BLOCK_S) < in_bin, other=0)
+            state = _narrow(cut_ptr, small, in_bin, lo, hi, need, phase, tie_key, cut_key, cut_index, done, in_bin,
+                            N, 80, NB, BLOCK_S, BLOCK_S)
+        else:
+            state = _narrow(cand_ptr, resident, count, lo, hi, need, phase, tie_key, cut_key, cut_index, done,
+                            in_bin, N, 80, NB, BLOCK_F, BLOCK_F // 4)
+        cut_key, cut_index = state[5], state[6]
         to_write = tl.where(k_eff > 0, count, 0)
         written = _write_winners(resident, offs < to_write, cut_key, cut_index, tl.full((), 0, tl.int32), out_s_ptr,
                                  out_i_ptr)
-        for i0 in range(BLOCK_F, to_write, BLOCK_F):
-            packed = tl.load(cand_ptr + i0 + offs, mask=i0 + offs < count, other=0)
-            written = _write_winners(packed, i0 + offs < count, cut_key, cut_index, written, out_s_ptr, out_i_ptr)
+        chunk = tl.arange(0, BLOCK_F // 4)
+        for i0 in range(BLOCK_F, to_write, BLOCK_F // 4):
+            packed = tl.load(cand_ptr + i0 + chunk, mask=i0 + chunk < count, other=0)
+            written = _write_winners(packed, i0 + chunk < count, cut_key, cut_index, written, out_s_ptr, out_i_ptr)
         for j0 in range(k_eff, k, BLOCK_F):
             pad = j0 + offs < k
             tl.store(out_s_ptr + j0 + offs, float("-inf"), mask=pad)
