@@ -475,20 +475,24 @@ if HAS_TRITON:
         tl.store(ws_row + tl.arange(0, 2), tl.zeros((2,), tl.int32))
 
     @triton.jit
+    def _sort_key(packed, phase):
+        """What the finalize ranks by: the score key in phase 0; in phase 1 (the cut fell on a tie) minus the index,
+        so that lower indices rank first."""
+        return tl.where(phase == 0, packed >> 32, -(packed & 0xFFFFFFFF))
+
+    @triton.jit
     def _in_range(packed, ok, phase, tie_key, lo, hi):
-        """Which candidates lie in the narrowed range [lo, hi], and their sort keys: the score key in phase 0; in
-        phase 1 (the cut fell on a tie at key == tie_key) minus the index, so that lower indices rank first."""
-        key = packed >> 32
-        sort_key = tl.where(phase == 0, key, -(packed & 0xFFFFFFFF))
+        """Which candidates lie in the narrowed range [lo, hi] (in phase 1: of those scoring tie_key)."""
+        sort_key = _sort_key(packed, phase)
         # a select, not (phase == 0) | ...: Triton's interpreter gives that mix of scalar and block an int32 array
-        inside = tl.where(phase == 0, ok, ok & (key == tie_key)) & (sort_key >= lo) & (sort_key <= hi)
-        return inside, sort_key
+        return tl.where(phase == 0, ok, ok & ((packed >> 32) == tie_key)) & (sort_key >= lo) & (sort_key <= hi)
 
     @triton.jit
     def _candidate_histogram(packed, ok, phase, tie_key, lo, hi, shift, NB: tl.constexpr):
         """Histogram of one chunk of candidates over [lo, hi] in NB bins of 2**shift."""
-        inside, sort_key = _in_range(packed, ok, phase, tie_key, lo, hi)
-        return tl.histogram(tl.where(inside, (sort_key - lo) >> shift, 0).to(tl.int32), NB, mask=inside)
+        inside = _in_range(packed, ok, phase, tie_key, lo, hi)
+        return tl.histogram(tl.where(inside, (_sort_key(packed, phase) - lo) >> shift, 0).to(tl.int32), NB,
+                            mask=inside)
 
     @triton.jit
     def _append_slots(take, written):
@@ -557,15 +561,15 @@ if HAS_TRITON:
                         count, N, 1, NB, BLOCK_F, BLOCK_F // 4)
         lo, hi, need, phase, tie_key, cut_key, cut_index, done, in_bin = state
         if (~done) & (in_bin <= BLOCK_S):
-            inside, _ = _in_range(resident, offs < count, phase, tie_key, lo, hi)
+            inside = _in_range(resident, offs < count, phase, tie_key, lo, hi)
             slot, copied = _append_slots(inside, tl.full((), 0, tl.int32))
             tl.store(cut_ptr + slot, resident, mask=inside)
             chunk = tl.arange(0, BLOCK_F // 4)
             for i0 in range(BLOCK_F, count, BLOCK_F // 4):
                 packed = tl.load(cand_ptr + i0 + chunk, mask=i0 + chunk < count, other=0)
-                inside, _ = _in_range(packed, i0 + chunk < count, phase, tie_key, lo, hi)
-                slot, copied = _append_slots(inside, copied)
-                tl.store(cut_ptr + slot, packed, mask=inside)
+                chunk_inside = _in_range(packed, i0 + chunk < count, phase, tie_key, lo, hi)
+                chunk_slot, copied = _append_slots(chunk_inside, copied)
+                tl.store(cut_ptr + chunk_slot, packed, mask=chunk_inside)
             tl.debug_barrier()  # the copies are read back by other threads
             small = tl.load(cut_ptr + tl.arange(0, BLOCK_S), mask=tl.arange(0, BLOCK_S) < in_bin, other=0)
             state = _narrow(cut_ptr, small, in_bin, lo, hi, need, phase, tie_key, cut_key, cut_index, done, in_bin,
