@@ -315,10 +315,9 @@ if HAS_TRITON:
     @triton.jit
     def _tile_scores(q, m_ok, key_base, n, in_tile, stride_kn, D: tl.constexpr, BLOCK_D: tl.constexpr,
                      REDUCE_GROUP: tl.constexpr, DOT_FP32: tl.constexpr):
-        """Scores of the keys at positions ``n`` (loaded where ``in_tile``): ``[BLOCK_M, BLOCK_N]``, per query row or
-        the group's sum in every row (kept in the product's layout: on the H100 the score pass over a reduced
-        ``[1, BLOCK_N]`` row ran ~8% slower). Every kernel scores through here, so equal inputs give bit-equal
-        scores."""
+        """Scores of the keys at positions ``n`` (loaded where ``in_tile``): ``[BLOCK_M, BLOCK_N]`` per query row,
+        or ``[1, BLOCK_N]`` summed over the group. Every kernel scores through here, so equal inputs give
+        bit-equal scores."""
         dd = tl.arange(0, BLOCK_D)
         keys = tl.load(key_base + n[:, None].to(tl.int64) * stride_kn + dd[None, :],
                        mask=in_tile[:, None] & (dd[None, :] < D), other=0.0, eviction_policy="evict_first")
@@ -327,14 +326,14 @@ if HAS_TRITON:
         else:
             s = tl.dot(q, tl.trans(keys))
         if REDUCE_GROUP:
-            s = tl.broadcast_to(tl.sum(tl.where(m_ok[:, None], s, 0.0), axis=0, keep_dims=True), s.shape)
+            s = tl.sum(tl.where(m_ok[:, None], s, 0.0), axis=0, keep_dims=True)
         return s
 
     @triton.jit
     def _output_rows(lead, m, m_ok, M, REDUCE_GROUP: tl.constexpr):
-        """Output row of each score row of a tile, and which exist (a group's sum: the lead's row, from score row 0)."""
+        """Output row of each score row of a tile, and which exist (the summed row of a group is the lead's)."""
         if REDUCE_GROUP:
-            rows, rows_ok = lead + 0 * m, m == 0
+            rows, rows_ok = lead + tl.zeros((1,), tl.int32), tl.full((1,), 1, tl.int1)
         else:
             rows, rows_ok = lead * M + m, m_ok
         return rows, rows_ok
@@ -463,7 +462,8 @@ if HAS_TRITON:
             for n0 in range(first, end, BLOCK_N):
                 n = n0 + tl.arange(0, BLOCK_N)
                 s = _tile_scores(q, m_ok, key_base, n, n < end, stride_kn, D, BLOCK_D, REDUCE_GROUP, DOT_FP32)
-                s = tl.sum(tl.where(mine[:, None], s, 0.0), axis=0, keep_dims=True)
+                if not REDUCE_GROUP:
+                    s = tl.sum(tl.where(mine[:, None], s, 0.0), axis=0, keep_dims=True)
                 key = tl.reshape(_ordered_key(s), (BLOCK_N,))
                 tl.store(cand_row + n - first, (key.to(tl.int64) << 32) | n, mask=n < end)
             tl.debug_barrier()  # the rescanned candidates are read back below
