@@ -363,3 +363,21 @@ def test_sparse_attention_rejects_bad_indices(rng):
         sparse_decode_attention(q, keys, keys, torch.zeros(1, 3, 5, dtype=torch.int64))
     with pytest.raises(TypeError, match="int32/int64"):
         sparse_decode_attention(q, keys, keys, torch.zeros(1, 4, 5))
+
+
+def test_pdl_only_on_hopper_and_can_be_turned_off(monkeypatch):
+    """Programmatic dependent launch needs compute capability >= 9; TOPKLAB_PDL=0 turns it off. The decision is
+    cached per device (a launch must not read the environment)."""
+    from topklab.kernels import _triton
+
+    for capability, env, expected in (((9, 0), None, True), ((8, 0), None, False), ((9, 0), "0", False),
+                                      ((10, 0), "1", True)):
+        monkeypatch.setattr(_triton, "_PDL", {})
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index, c=capability: c)
+        if env is None:
+            monkeypatch.delenv("TOPKLAB_PDL", raising=False)
+        else:
+            monkeypatch.setenv("TOPKLAB_PDL", env)
+        assert _triton.pdl_enabled(0) is expected
+        monkeypatch.setenv("TOPKLAB_PDL", "1" if not expected else "0")
+        assert _triton.pdl_enabled(0) is expected, "cached: the environment is read once per device"
