@@ -471,7 +471,8 @@ if HAS_TRITON:
             lo = tl.full((), -2147483648, tl.int64)
             hi = tl.full((), 2147483647, tl.int64)
         _finalize_row(cand_row, count, lo, hi, k_eff, k, N, out_s_ptr + row.to(tl.int64) * k,
-                      out_i_ptr + row.to(tl.int64) * k, cut_ptr + row.to(tl.int64) * BLOCK_S, NB, BLOCK_F, BLOCK_S)
+                      out_i_ptr + row.to(tl.int64) * k, cut_ptr + row.to(tl.int64) * BLOCK_S, NB, BLOCK_F,
+                      BLOCK_F // 4, BLOCK_S)
         tl.store(ws_row + tl.arange(0, 2), tl.zeros((2,), tl.int32))
 
     @triton.jit
@@ -499,6 +500,14 @@ if HAS_TRITON:
         """Slots of the taken elements, in order, after ``written`` earlier ones; and the new count."""
         ones = tl.where(take, 1, 0)  # not take.to(): Triton's interpreter casts a mask in place
         return written + tl.cumsum(ones, axis=0) - 1, written + tl.sum(ones, axis=0)
+
+    @triton.jit
+    def _copy_in_range(packed, ok, phase, tie_key, lo, hi, copied, out_ptr):
+        """Append the candidates lying in [lo, hi] to ``out_ptr`` after ``copied`` earlier ones; the new count."""
+        inside = _in_range(packed, ok, phase, tie_key, lo, hi)
+        slot, copied = _append_slots(inside, copied)
+        tl.store(out_ptr + slot, packed, mask=inside)
+        return copied
 
     @triton.jit
     def _write_winners(packed, ok, cut_key, cut_index, written, out_s_ptr, out_i_ptr):
@@ -544,13 +553,15 @@ if HAS_TRITON:
 
     @triton.jit
     def _finalize_row(cand_ptr, count, lo, hi, k_eff, k, N, out_s_ptr, out_i_ptr, cut_ptr, NB: tl.constexpr,
-                      BLOCK_F: tl.constexpr, BLOCK_S: tl.constexpr):
+                      BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
         """Exact Top-k of a row's ``count`` candidates, whose keys lie in [lo, hi], then the winners written (and
-        -inf / -1 past k_eff). The first BLOCK_F candidates (usually all) stay in registers. One radix pass over
-        all of them; then, if at most BLOCK_S candidates are left in the cut's bin (the usual case), those are
-        copied to ``cut_ptr`` and the passes go on over them alone (a pass over every candidate costs ~2 us at
-        4096 of them on the H100: the slowest row's passes set the kernel's time)."""
+        -inf / -1 past k_eff). The first BLOCK_F candidates (usually all) stay in registers, the rest are read in
+        chunks of BLOCK_C. One radix pass over all of them; then, if at most BLOCK_S candidates are left in the
+        cut's bin (the usual case), those are copied to ``cut_ptr`` and the passes go on over them alone (a pass
+        over every candidate costs ~2 us at 4096 of them on the H100: the slowest row's passes set the kernel's
+        time)."""
         offs = tl.arange(0, BLOCK_F)
+        chunk = tl.arange(0, BLOCK_C)
         resident = tl.load(cand_ptr + offs, mask=offs < count, other=0)
         need = k_eff.to(tl.int64)
         phase = tl.full((), 0, tl.int32)
@@ -558,31 +569,26 @@ if HAS_TRITON:
         cut_key = lo - 1
         cut_index = tl.full((), -1, tl.int64)
         state = _narrow(cand_ptr, resident, count, lo, hi, need, phase, tie_key, cut_key, cut_index, need <= 0,
-                        count, N, 1, NB, BLOCK_F, BLOCK_F // 4)
+                        count, N, 1, NB, BLOCK_F, BLOCK_C)
         lo, hi, need, phase, tie_key, cut_key, cut_index, done, in_bin = state
         if (~done) & (in_bin <= BLOCK_S):
-            inside = _in_range(resident, offs < count, phase, tie_key, lo, hi)
-            slot, copied = _append_slots(inside, tl.full((), 0, tl.int32))
-            tl.store(cut_ptr + slot, resident, mask=inside)
-            chunk = tl.arange(0, BLOCK_F // 4)
-            for i0 in range(BLOCK_F, count, BLOCK_F // 4):
+            copied = _copy_in_range(resident, offs < count, phase, tie_key, lo, hi, tl.full((), 0, tl.int32),
+                                    cut_ptr)
+            for i0 in range(BLOCK_F, count, BLOCK_C):
                 packed = tl.load(cand_ptr + i0 + chunk, mask=i0 + chunk < count, other=0)
-                chunk_inside = _in_range(packed, i0 + chunk < count, phase, tie_key, lo, hi)
-                chunk_slot, copied = _append_slots(chunk_inside, copied)
-                tl.store(cut_ptr + chunk_slot, packed, mask=chunk_inside)
+                copied = _copy_in_range(packed, i0 + chunk < count, phase, tie_key, lo, hi, copied, cut_ptr)
             tl.debug_barrier()  # the copies are read back by other threads
             small = tl.load(cut_ptr + tl.arange(0, BLOCK_S), mask=tl.arange(0, BLOCK_S) < in_bin, other=0)
             state = _narrow(cut_ptr, small, in_bin, lo, hi, need, phase, tie_key, cut_key, cut_index, done, in_bin,
                             N, 80, NB, BLOCK_S, BLOCK_S)
         else:
             state = _narrow(cand_ptr, resident, count, lo, hi, need, phase, tie_key, cut_key, cut_index, done,
-                            in_bin, N, 80, NB, BLOCK_F, BLOCK_F // 4)
+                            in_bin, N, 80, NB, BLOCK_F, BLOCK_C)
         cut_key, cut_index = state[5], state[6]
         to_write = tl.where(k_eff > 0, count, 0)
         written = _write_winners(resident, offs < to_write, cut_key, cut_index, tl.full((), 0, tl.int32), out_s_ptr,
                                  out_i_ptr)
-        chunk = tl.arange(0, BLOCK_F // 4)
-        for i0 in range(BLOCK_F, to_write, BLOCK_F // 4):
+        for i0 in range(BLOCK_F, to_write, BLOCK_C):
             packed = tl.load(cand_ptr + i0 + chunk, mask=i0 + chunk < count, other=0)
             written = _write_winners(packed, i0 + chunk < count, cut_key, cut_index, written, out_s_ptr, out_i_ptr)
         for j0 in range(k_eff, k, BLOCK_F):
