@@ -192,14 +192,15 @@ def main() -> None:
                  "select+attend (per KV head) us | /SDPA |", "|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(attn_rows), flush=True)
     bench_attention(bw, batches, lengths_n, 2048, attn_rows)
-    fp8_rows = ["| batch | M | index heads | N | memory floor us | FP8 compute floor us | ours us | ours/floor |",
-                "|---|---|---|---|---|---|---|---|"]
-    print("\n".join(fp8_rows), flush=True)
+    sections = ["Exact Top-k (one decode step, 32 q heads / 8 KV heads, d=128, bf16):", ""] + topk_rows
+    sections += ["", "Select + attend, k = 2048:", ""] + attn_rows
     if not args.no_fp8:
+        fp8_rows = ["| batch | M | index heads | N | memory floor us | FP8 compute floor us | ours us | ours/floor |",
+                    "|---|---|---|---|---|---|---|---|"]
+        print("\n".join(fp8_rows), flush=True)
         bench_fp8(bw, peak, fp8_rows)
-    text = "\n".join(header + ["Exact Top-k (one decode step, 32 q heads / 8 KV heads, d=128, bf16):", ""] + topk_rows
-                     + ["", "Select + attend, k = 2048:", ""] + attn_rows + ["", "FP8 index scoring, d = 128:", ""]
-                     + fp8_rows) + "\n"
+        sections += ["", "FP8 index scoring, d = 128:", ""] + fp8_rows
+    text = "\n".join(header + sections) + "\n"
     print(text)
     if args.out:
         with open(args.out, "w") as f:

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# A/B of kernel variants in one device call: profile_kernels.py per variant, graph decoding at 128K per variant,
+# then the GPU tests on the working tree. A variant is a directory holding a copy of the package, DIR/topklab
+# (e.g. `git archive HEAD topklab | tar -x -C _variants/base`); keep it untracked and not ignored, so that the
+# device call copies it. Run from the repo root on the GPU machine:
+#   VARIANTS="_variants/base _variants/new" DECODE="_variants/base _variants/new" bash benchmarks/ab_variants.sh
+# Logs and tables under $OUT (or /tmp/ab_variants). Each variant's topklab comes first on PYTHONPATH.
+export PYTHONUNBUFFERED=1
+out=${OUT:-/tmp/ab_variants}
+mkdir -p "$out"
+exec > >(tee "$out/ab.log") 2>&1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+for v in $VARIANTS; do
+  test -d "$v/topklab" || { echo "no $v/topklab: a variant is a directory holding a copy of the package"; exit 2; }
+done
+for v in $VARIANTS; do
+  echo "=== profile $v $(date +%T)"
+  PYTHONPATH=$v:.:tests:benchmarks timeout 100 python3 benchmarks/profile_kernels.py \
+    --out "$out/profile_$(basename "$v").md" 2>&1 | tail -n 9
+done
+for v in $DECODE; do
+  echo "=== decoding $v $(date +%T)"
+  PYTHONPATH=$v:.:tests:benchmarks timeout 150 python3 benchmarks/bench_decoding.py --contexts 131072 --steps 32 \
+    --warmup 24 --modes graph-dense-flash,graph-topk-head,graph-topk-group \
+    --json "$out/decoding_$(basename "$v").json" 2>&1 | tail -n 4
+done
+echo "=== tests $(date +%T)"
+PYTHONPATH=.:tests timeout 220 python3 -m pytest -m gpu tests/test_kernels_gpu.py tests/test_decoding.py -q -x \
+  -p no:cacheprovider 2>&1 | tail -n 4
+echo "=== done $(date +%T)"
