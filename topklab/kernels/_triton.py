@@ -121,13 +121,24 @@ def launch(kernel, grid: tuple[int, ...], args: tuple, constants: dict, num_warp
 if HAS_TRITON:
 
     @triton.jit
-    def pdl_enter(PDL: tl.constexpr):
-        """First thing in every kernel: under PDL, wait until the previous kernel in the stream has finished and its
-        writes are visible, then let the next kernel launch (it waits here in turn, so completion stays ordered
-        along the whole chain, and at most one kernel waits ahead)."""
+    def pdl_wait(PDL: tl.constexpr):
+        """Under PDL, wait until the previous kernel in the stream has finished and its writes are visible."""
         if PDL:
             tl.extra.cuda.gdc_wait()
+
+    @triton.jit
+    def pdl_release(PDL: tl.constexpr):
+        """Under PDL, let the next kernel in the stream launch (it waits for this one in its own :func:`pdl_wait`)."""
+        if PDL:
             tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
+    def pdl_enter(PDL: tl.constexpr):
+        """First thing in every kernel: wait for the previous kernel, then let the next one launch. It waits here in
+        turn, so completion stays ordered along the whole chain, and at most one kernel waits ahead: when a kernel
+        runs, every kernel before its predecessor has finished, so it may read the chain's inputs before waiting."""
+        pdl_wait(PDL)
+        pdl_release(PDL)
 
 
 KERNEL_MODULES = ("topklab.kernels._triton", "topklab.kernels.fp8_index", "topklab.kernels.topk",

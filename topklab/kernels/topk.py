@@ -33,7 +33,7 @@ import torch
 
 from topklab.checks import check_k
 from topklab.kernels._triton import HAS_TRITON, cdiv, interpreting, launch, next_pow2, sm_count, tl, triton
-from topklab.kernels._triton import pdl_enter, use_triton
+from topklab.kernels._triton import pdl_enter, pdl_release, pdl_wait, use_triton
 
 HIST_BINS = 128  # 7 radix bits a finalize pass
 # per row: candidate count, largest candidate key (both zero between calls), padded to a 128-byte line of its own:
@@ -183,6 +183,9 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, bounds: tuple, sequences
     workspace = _scratch(device, "workspace", (rows, WORKSPACE_WIDTH), torch.int32, zeroed=True)
     block_f = _finalize_block(n, k)
     block_s = min(CUT_BLOCK, block_f // 4)
+    # the score kernel's first tiles overlap the sample and threshold kernels: on the H100 (2026-12-06, b1 128K
+    # k=2048) 10 us faster select + attend per KV head, but 12-17 us slower per query head, where it stays off
+    early = per_kv_head
     cut_bins = _scratch(device, "cut_bins", (rows, block_s), torch.int64)
     out_scores = torch.empty(rows, k, dtype=torch.float32, device=device)
     out_indices = torch.empty(rows, k, dtype=torch.int64, device=device)
@@ -193,12 +196,12 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, bounds: tuple, sequences
                num_warps=4)
         launch(_threshold_kernel, (rows,), (samples, starts, ends, rows // sequences, thresholds, n, k),
                dict(HAS_STARTS=tile["HAS_STARTS"], HAS_ENDS=tile["HAS_ENDS"], SAMPLE=SAMPLE, SIGMAS=SAMPLE_SIGMAS,
-                    SLACK=SAMPLE_SLACK),
+                    SLACK=SAMPLE_SLACK, EARLY=early),
                num_warps=THRESHOLD_WARPS)
         launch(_score_kernel, (n_lead * m_blocks, cdiv(n, per_split)),
                (q3, k3, starts, ends, leads_per_seq, thresholds, candidates, workspace, n, m, k3.stride(0),
                 k3.stride(1), per_split, row_stride),
-               dict(**tile, WIDTH=WORKSPACE_WIDTH), num_warps=8 if block_n == 128 else 4)
+               dict(**tile, WIDTH=WORKSPACE_WIDTH, EARLY=early), num_warps=8 if block_n == 128 else 4)
         launch(_finalize_kernel, (rows,),
                (q3, k3, starts, ends, leads_per_seq, thresholds, candidates, workspace, cut_bins, out_scores,
                 out_indices, n, m, k, k3.stride(0), k3.stride(1), row_stride),
@@ -367,10 +370,15 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["N", "k"])
     def _threshold_kernel(smp_ptr, start_ptr, end_ptr, rows_per_seq, thr_ptr, N, k, HAS_STARTS: tl.constexpr,
                           HAS_ENDS: tl.constexpr, SAMPLE: tl.constexpr, SIGMAS: tl.constexpr, SLACK: tl.constexpr,
-                          PDL: tl.constexpr):
+                          EARLY: tl.constexpr, PDL: tl.constexpr):
         """One row's candidate threshold: the r-th largest of its sampled scores (:func:`_sample_rank`), found by
-        halving [min, max] on the values until at most ~1.06 r samples lie above the lower end."""
-        pdl_enter(PDL)
+        halving [min, max] on the values until at most ~1.06 r samples lie above the lower end. With EARLY it lets
+        the score kernel launch before it waits for the samples (see :func:`_score_kernel`)."""
+        if EARLY:
+            pdl_release(PDL)
+            pdl_wait(PDL)
+        else:
+            pdl_enter(PDL)
         row = tl.program_id(0)
         first, end = _row_range(start_ptr, end_ptr, row // rows_per_seq, N, HAS_STARTS, HAS_ENDS)
         length = end - first
@@ -402,36 +410,58 @@ if HAS_TRITON:
                       stride_kn, per_split, row_stride, D: tl.constexpr, BLOCK_D: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, REDUCE_GROUP: tl.constexpr,
                       DOT_FP32: tl.constexpr, HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr, WIDTH: tl.constexpr,
-                      PDL: tl.constexpr):
+                      EARLY: tl.constexpr, PDL: tl.constexpr):
         """Stream a span of one KV row's keys once, score them against BLOCK_M query rows on the tensor cores, and
         append (key << 32 | index) of every valid key at or above its row's threshold to the row's candidates (an
-        atomic per such key); then raise the row's largest candidate key. Nothing else is written."""
-        pdl_enter(PDL)
+        atomic per such key); then raise the row's largest candidate key. Nothing else is written.
+
+        With EARLY (the threshold kernel then lets this one launch at once) the first two tiles are scored before
+        waiting for the thresholds, overlapping the sample and threshold kernels: they read only the inputs, which
+        every kernel before the sample kernel has finished writing once this one runs (see ``pdl_enter``)."""
         pid, split = tl.program_id(0), tl.program_id(1)
         m_blocks = tl.cdiv(M, BLOCK_M)
         lead, mb = pid // m_blocks, pid % m_blocks
         q, m_ok = _query_block(q_ptr, lead, mb, M, D, BLOCK_D, BLOCK_M, DOT_FP32)
         rows, rows_ok = _output_rows(lead, mb * BLOCK_M + tl.arange(0, BLOCK_M), m_ok, M, REDUCE_GROUP)
-        threshold = tl.load(thr_ptr + rows, mask=rows_ok, other=2147483647)
         first, end = _row_range(start_ptr, end_ptr, lead // leads_per_seq, N, HAS_STARTS, HAS_ENDS)
         key_base = k_ptr + lead.to(tl.int64) * stride_kl
+        span = split * per_split  # a multiple of BLOCK_N, as is the first tile holding a valid key
+        lo, hi = tl.maximum(span, first // BLOCK_N * BLOCK_N), tl.minimum(span + per_split, end)
+        if EARLY:
+            n_a = lo + tl.arange(0, BLOCK_N)
+            n_b = n_a + BLOCK_N
+            valid_a = (n_a >= first) & (n_a < hi)
+            valid_b = (n_b >= first) & (n_b < hi)
+            s_a = _tile_scores(q, m_ok, key_base, n_a, valid_a, stride_kn, D, BLOCK_D, REDUCE_GROUP, DOT_FP32)
+            s_b = _tile_scores(q, m_ok, key_base, n_b, valid_b, stride_kn, D, BLOCK_D, REDUCE_GROUP, DOT_FP32)
+        pdl_enter(PDL)
+        threshold = tl.load(thr_ptr + rows, mask=rows_ok, other=2147483647)
         ws_rows = ws_ptr + rows * WIDTH
         base = rows.to(tl.int64) * row_stride
         largest = tl.full(threshold.shape, -2147483648, tl.int32)
-        span = split * per_split  # a multiple of BLOCK_N, as is the first tile holding a valid key
-        for n0 in range(tl.maximum(span, first // BLOCK_N * BLOCK_N), tl.minimum(span + per_split, end), BLOCK_N):
+        if EARLY:
+            largest = _append_candidates(s_a, n_a, valid_a, rows_ok, threshold, ws_rows, cand_ptr, base, largest)
+            largest = _append_candidates(s_b, n_b, valid_b, rows_ok, threshold, ws_rows, cand_ptr, base, largest)
+            lo += 2 * BLOCK_N
+        for n0 in range(lo, hi, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
-            valid = (n >= first) & (n < end)
+            valid = (n >= first) & (n < hi)
             s = _tile_scores(q, m_ok, key_base, n, valid, stride_kn, D, BLOCK_D, REDUCE_GROUP, DOT_FP32)
-            key = _ordered_key(s)
-            take = rows_ok[:, None] & valid[None, :] & (key >= threshold[:, None])
-            # a slot per passing key (a few per row and tile): no scan, no layout change of the dot's result
-            slot = tl.atomic_add(ws_rows[:, None] + tl.zeros_like(n)[None, :], 1, mask=take, sem="relaxed")
-            tl.store(cand_ptr + base[:, None] + slot, (key.to(tl.int64) << 32) | n[None, :], mask=take)
-            largest = tl.maximum(largest, tl.max(tl.where(take, key, -2147483648), axis=1))
+            largest = _append_candidates(s, n, valid, rows_ok, threshold, ws_rows, cand_ptr, base, largest)
         # as an unsigned maximum, so that the zeroed workspace is its neutral value
         tl.atomic_max((ws_rows + 1).to(tl.pointer_type(tl.uint32), bitcast=True),
                       (largest ^ -2147483648).to(tl.uint32, bitcast=True), mask=rows_ok, sem="relaxed")
+
+    @triton.jit
+    def _append_candidates(s, n, valid, rows_ok, threshold, ws_rows, cand_ptr, base, largest):
+        """Append (key << 32 | index) of the tile's keys at or above their row's threshold to the row's candidates:
+        a slot per passing key (a few per row and tile), no scan, no layout change of the dot's result. Returns each
+        row's largest candidate key so far."""
+        key = _ordered_key(s)
+        take = rows_ok[:, None] & valid[None, :] & (key >= threshold[:, None])
+        slot = tl.atomic_add(ws_rows[:, None] + tl.zeros_like(n)[None, :], 1, mask=take, sem="relaxed")
+        tl.store(cand_ptr + base[:, None] + slot, (key.to(tl.int64) << 32) | n[None, :], mask=take)
+        return tl.maximum(largest, tl.max(tl.where(take, key, -2147483648), axis=1))
 
     @triton.jit(do_not_specialize=["N", "k"])
     def _finalize_kernel(q_ptr, k_ptr, start_ptr, end_ptr, leads_per_seq, thr_ptr, cand_ptr, ws_ptr, cut_ptr,
