@@ -183,8 +183,9 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, bounds: tuple, sequences
     workspace = _scratch(device, "workspace", (rows, WORKSPACE_WIDTH), torch.int32, zeroed=True)
     block_f = _finalize_block(n, k)
     block_s = min(CUT_BLOCK, block_f // 4)
-    # the score kernel's first tiles overlap the sample and threshold kernels: on the H100 (2026-12-06, b1 128K
-    # k=2048) 10 us faster select + attend per KV head, but 12-17 us slower per query head, where it stays off
+    # the score kernel's first tiles overlap the sample and threshold kernels. Per KV head (b1 128K k=2048, graph):
+    # select + attend 147.0 -> 137.2 us on the H100, 134.4 -> 114.7 us on the H200 (2026-12-06); per query head
+    # 12-17 us slower on the H100 when both selections did it, so it stays off there
     early = per_kv_head
     cut_bins = _scratch(device, "cut_bins", (rows, block_s), torch.int64)
     out_scores = torch.empty(rows, k, dtype=torch.float32, device=device)
