@@ -26,8 +26,9 @@ attention_module = importlib.import_module("topklab.kernels.sparse_attention")
 
 HQ, HKV, D = 32, 8, 128
 CASES = (  # (what, batch, N, k)
-    ("topk", 1, 8192, 64), ("topk", 1, 8192, 2048), ("topk", 1, 131072, 64), ("topk", 1, 131072, 2048),
-    ("topk", 1, 131072, 8192), ("topk", 16, 131072, 2048),
+    ("topk", 1, 8192, 64), ("topk", 1, 8192, 512), ("topk", 1, 8192, 2048), ("topk", 16, 8192, 2048),
+    ("topk", 1, 131072, 64), ("topk", 1, 131072, 2048),
+    ("topk", 1, 131072, 8192), ("topk", 16, 131072, 2048), ("topk", 16, 131072, 8192),
     ("attn", 1, 131072, 2048), ("attn-kv", 1, 131072, 2048),
 )
 def make_sets(what: str, batch: int, n: int, k: int):
