@@ -25,6 +25,6 @@ for v in $DECODE; do
     --json "$out/decoding_$(basename "$v").json" 2>&1 | tail -n 4
 done
 echo "=== tests $(date +%T)"
-PYTHONPATH=.:tests timeout 220 python3 -m pytest -m gpu tests/test_kernels_gpu.py tests/test_decoding.py -q -x \
+PYTHONPATH=.:tests timeout 280 python3 -m pytest -m gpu tests/test_kernels_gpu.py tests/test_decoding.py -q -x \
   -p no:cacheprovider 2>&1 | tail -n 4
 echo "=== done $(date +%T)"
