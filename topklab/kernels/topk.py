@@ -183,9 +183,6 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, bounds: tuple, sequences
     workspace = _scratch(device, "workspace", (rows, WORKSPACE_WIDTH), torch.int32, zeroed=True)
     block_f = _finalize_block(n, k)
     block_s = min(CUT_BLOCK, block_f // 4)
-    # the finalize holds BLOCK_F candidates in registers: 8 warps, or 16 for the largest block, where 8 warps run out
-    # of registers (255 a thread and a stack, compiled for sm_90). b1 128K k=8192, graph: 155.7 -> 150.9 us on the
-    # H200; with 16 warps for every block, k <= 2048 got 2-6 us slower (2026-12-06)
     # the score kernel's first tiles overlap the sample and threshold kernels. Per KV head (b1 128K k=2048, graph):
     # select + attend 147.0 -> 137.2 us on the H100, 134.4 -> 114.7 us on the H200 (2026-12-06); per query head
     # 12-17 us slower on the H100 when both selections did it, so it stays off there
@@ -209,8 +206,7 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, bounds: tuple, sequences
         launch(_finalize_kernel, (rows,),
                (q3, k3, starts, ends, leads_per_seq, thresholds, candidates, workspace, cut_bins, out_scores,
                 out_indices, n, m, k, k3.stride(0), k3.stride(1), row_stride),
-               dict(**tile, NB=HIST_BINS, BLOCK_F=block_f, BLOCK_S=block_s, WIDTH=WORKSPACE_WIDTH),
-               num_warps=16 if block_f >= 8192 else 8)
+               dict(**tile, NB=HIST_BINS, BLOCK_F=block_f, BLOCK_S=block_s, WIDTH=WORKSPACE_WIDTH), num_warps=8)
     except BaseException:
         _SCRATCH.get(_scratch_key(device), {}).pop("workspace", None)  # a failed launch can leave it dirty
         raise
