@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A/B of kernel variants in one device call: profile_kernels.py per variant, graph decoding at 128K per variant,
-# then the GPU tests on the working tree. A variant is a directory holding a copy of the package, DIR/topklab
-# (e.g. `git archive HEAD topklab | tar -x -C _variants/base`); keep it untracked and not ignored, so that the
-# device call copies it. Run from the repo root on the GPU machine:
+# then the GPU tests on the working tree (AB_TESTS=0 skips them). A variant is a directory holding a copy of the
+# package, DIR/topklab (e.g. `git archive HEAD topklab | tar -x -C _variants/base`); keep it untracked and not
+# ignored, so that the device call copies it. Run from the repo root on the GPU machine:
 #   VARIANTS="_variants/base _variants/new" DECODE="_variants/base _variants/new" bash benchmarks/ab_variants.sh
 # Logs and tables under $OUT (or /tmp/ab_variants). Each variant's topklab comes first on PYTHONPATH.
 export PYTHONUNBUFFERED=1
@@ -24,7 +24,9 @@ for v in $DECODE; do
     --warmup 24 --modes graph-dense-flash,graph-topk-head,graph-topk-group \
     --json "$out/decoding_$(basename "$v").json" 2>&1 | tail -n 4
 done
-echo "=== tests $(date +%T)"
-PYTHONPATH=.:tests timeout 280 python3 -m pytest -m gpu tests/test_kernels_gpu.py tests/test_decoding.py -q -x \
-  -p no:cacheprovider 2>&1 | tail -n 4
+if [ "${AB_TESTS:-1}" != 0 ]; then
+  echo "=== tests $(date +%T)"
+  PYTHONPATH=.:tests timeout 280 python3 -m pytest -m gpu tests/test_kernels_gpu.py tests/test_decoding.py -q -x \
+    -p no:cacheprovider 2>&1 | tail -n 4
+fi
 echo "=== done $(date +%T)"
