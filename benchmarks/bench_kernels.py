@@ -89,6 +89,13 @@ def fp8_peak() -> float:
     return 2 * n**3 / seconds
 
 
+def write_lines(path: str | None, lines: list[str]) -> None:
+    """The table's lines to ``path`` (nothing without one)."""
+    if path:
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
 def n_sets(bytes_per_set: int) -> int:
     return max(1, min(8, math.ceil(4 * L2_BYTES / bytes_per_set)))
 
@@ -200,11 +207,8 @@ def main() -> None:
         print("\n".join(fp8_rows), flush=True)
         bench_fp8(bw, peak, fp8_rows)
         sections += ["", "FP8 index scoring, d = 128:", ""] + fp8_rows
-    text = "\n".join(header + sections) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    print("\n".join(header + sections))
+    write_lines(args.out, header + sections)
 
 
 if __name__ == "__main__":

@@ -145,6 +145,8 @@ def cases():
 
 
 def main() -> None:
+    from bench_kernels import write_lines  # the script's own folder is on the path when it runs
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="write the markdown table here too")
     opts = parser.parse_args()
@@ -172,9 +174,7 @@ def main() -> None:
                         f"{record['num_warps']} | {record['num_stages']} | {usage['reg']} | {usage.get('stack', 0)} "
                         f"| {usage['shared'] / 1024:.1f} | {per_sm} ({limiter}) | {waves:.2f} |")
             print(rows[-1], flush=True)
-    if opts.out:
-        with open(opts.out, "w") as f:
-            f.write("\n".join(rows) + "\n")
+    write_lines(opts.out, rows)
 
 
 if __name__ == "__main__":

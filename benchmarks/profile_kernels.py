@@ -15,7 +15,7 @@ import importlib
 import time
 
 import torch
-from bench_kernels import graph_time, n_sets
+from bench_kernels import graph_time, n_sets, write_lines
 from torch.profiler import ProfilerActivity, profile
 
 from topklab.kernels import topk, topk_attention
@@ -122,9 +122,7 @@ def main() -> None:
         del sets
         clear_scratch()
         torch.cuda.empty_cache()
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    write_lines(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import argparse
 import datetime
 
 import torch
-from bench_kernels import copy_bandwidth, fp8_peak, graph_time
+from bench_kernels import copy_bandwidth, fp8_peak, graph_time, write_lines
 
 from topklab.kernels import fp8_index
 from topklab.kernels.fp8_index import fp8_index_scores, fp8_index_scores_reference, hadamard_rotate, quantize_fp8
@@ -78,11 +78,7 @@ def main() -> None:
             rows.append(f"| {batch} | {m} | {n // 1024}K | {' | '.join(map(str, shown))} | {seconds * 1e6:.1f} | "
                         f"{seconds / floor:.2f} | {error:.1e} |")
             print(rows[-1], flush=True)
-        del args
-        torch.cuda.empty_cache()
-    if opts.out:
-        with open(opts.out, "w") as f:
-            f.write("\n".join(rows) + "\n")
+    write_lines(opts.out, rows)
 
 
 if __name__ == "__main__":
