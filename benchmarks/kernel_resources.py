@@ -8,7 +8,7 @@ at run time: tensors 16-byte aligned, integers that are 1 or multiples of 16 mar
 specialise on them). Resource usage comes from ``cuobjdump`` in Triton's own toolchain; registers and occupancy can
 differ between Triton versions, so compare runs of one version.
 
-    PYTHONPATH=. python3 benchmarks/kernel_resources.py [--out FILE]
+    PYTHONPATH=. python3 benchmarks/kernel_resources.py [--only "topk b1 128K"] [--out FILE]
 """
 
 from __future__ import annotations
@@ -148,6 +148,7 @@ def main() -> None:
     from bench_kernels import write_lines  # the script's own folder is on the path when it runs
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="the cases whose label contains this text (default: every case)")
     parser.add_argument("--out", help="write the markdown table here too")
     opts = parser.parse_args()
     rows = [f"Triton {triton.__version__}, compiled for sm_90 (H100: {SMS} SMs, {REGISTERS_PER_SM} registers and "
@@ -157,6 +158,8 @@ def main() -> None:
     print("\n".join(rows), flush=True)
     compiled_cache = {}
     for label, call in cases():
+        if opts.only and opts.only not in label:
+            continue
         with recorded_launches() as records:
             call()
         for record in records:

@@ -381,35 +381,3 @@ def test_pdl_only_on_hopper_and_can_be_turned_off(monkeypatch):
         assert _triton.pdl_enabled(0) is expected
         monkeypatch.setenv("TOPKLAB_PDL", "1" if not expected else "0")
         assert _triton.pdl_enabled(0) is expected, "cached: the environment is read once per device"
-
-
-def test_kernel_resources_records_the_cuda_launches_and_compiles_them_for_sm90(monkeypatch, tmp_path):
-    """benchmarks/kernel_resources.py records the launches the CUDA path would make (on CPU tensors: 132 SMs,
-    bf16 products, not the interpreter's choices) and compiles them for the H100 without a GPU."""
-    import importlib.util
-    from pathlib import Path
-
-    from topklab.kernels import topk
-    from topklab.kernels._triton import interpreting
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_resources.py"
-    spec = importlib.util.spec_from_file_location("kernel_resources", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    q, keys = torch.empty(2, 8, 64, dtype=torch.bfloat16), torch.empty(2, 2, 5000, 64, dtype=torch.bfloat16)
-    with tool.recorded_launches() as records:
-        topk(q, keys, 100, sorted=False)
-    assert [r["kernel"].fn.__name__ for r in records] == ["_sample_kernel", "_threshold_kernel", "_score_kernel",
-                                                         "_finalize_kernel"]
-    score = records[2]
-    assert score["constants"]["DOT_FP32"] is False and score["constants"]["PDL"] is True
-    assert score["grid"] == (4, 40), "4 KV rows x 40 spans of 128 keys (132 SMs would take up to 132 spans a row)"
-    if interpreting():
-        pytest.skip("TRITON_INTERPRET is set: the kernels are interpreter functions, nothing to compile")
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # compiled here, not taken from an earlier run's cache
-    usage = tool.resource_usage(tool.compile_launch(records[1]))
-    assert 0 < usage["reg"] <= 255 and usage["shared"] >= 0
-    assert any(tmp_path.rglob("*.cubin")), "compiled for sm_90 in this test"
-    per_sm, limiter = tool.programs_per_sm(usage, records[1]["num_warps"])
-    assert per_sm >= 1 and limiter in ("registers", "shared", "warps")
-    assert tool.programs_per_sm({"reg": 255, "shared": 0}, 8) == (1, "registers")
