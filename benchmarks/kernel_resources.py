@@ -4,7 +4,7 @@ Why: a kernel that spills or fits fewer programs per SM than its grid assumes ex
 device time is spent. The public wrappers (``topk``, ``topk_attention``, ``fp8_index_scores``) run on empty CPU
 tensors of the benchmark shapes with ``launch`` replaced by a recorder, so every launch is the one the CUDA path
 would make (grid, constants, warps, stages). Each is then compiled for sm_90 with the specialisation Triton gives it
-at run time: tensors 16-byte aligned, integers that are 1 or multiples of 16 marked so (unless the kernel does not
+at run time: 16-byte aligned tensors, integers that are 1 or multiples of 16 marked so (unless the kernel does not
 specialise on them). Resource usage comes from ``cuobjdump`` in Triton's own toolchain; registers and occupancy can
 differ between Triton versions, so compare runs of one version.
 
@@ -69,7 +69,8 @@ def compile_launch(record: dict):
     for i, (name, value) in enumerate(zip(names, record["args"])):
         if isinstance(value, torch.Tensor):
             signature[name] = POINTER_TYPES[value.dtype]
-            attrs[(i,)] = [["tt.divisibility", 16]]
+            if value.data_ptr() % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(value, bool):
             signature[name] = "i1"
         elif isinstance(value, int):
