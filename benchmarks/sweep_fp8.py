@@ -15,26 +15,17 @@ import argparse
 import datetime
 
 import torch
-from bench_kernels import copy_bandwidth, fp8_peak, graph_time, write_lines
+from bench_kernels import copy_bandwidth, fp8_floors, fp8_inputs, fp8_peak, graph_time, write_lines
 
 from topklab.kernels import fp8_index
-from topklab.kernels.fp8_index import fp8_index_scores, fp8_index_scores_reference, hadamard_rotate, quantize_fp8
+from topklab.kernels.fp8_index import fp8_index_scores, fp8_index_scores_reference
 
-HEADS, D = 64, 128
 CASES = ((16, 4, 131072), (16, 1, 32768))
 # (columns per product, BLOCK_N, warps, stages, programs per SM); None = the shipped choice
 CONFIGS = (None,
            (128, 64, 4, 3, 3), (128, 64, 4, 5, 3), (128, 64, 4, 4, 2),
            (128, 64, 8, 4, 2), (128, 64, 8, 3, 2), (128, 64, 8, 3, 3), (128, 128, 8, 3, 1),
            (256, 64, 8, 3, 2), (256, 64, 8, 4, 2), (64, 128, 4, 3, 4))
-
-
-def inputs(batch: int, m: int, n: int):
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q_fp8, q_scale = quantize_fp8(hadamard_rotate(torch.randn(batch, m, HEADS, D, device="cuda", generator=gen)))
-    k_fp8, k_scale = quantize_fp8(hadamard_rotate(torch.randn(batch, n, D, device="cuda", generator=gen)))
-    weights = torch.randn(batch, m, HEADS, device="cuda", generator=gen)
-    return q_fp8, q_scale[..., 0], k_fp8, k_scale[..., 0], weights
 
 
 def run_config(config, args) -> tuple[float, float]:
@@ -64,9 +55,8 @@ def main() -> None:
             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     print("\n".join(rows), flush=True)
     for batch, m, n in CASES:
-        args = inputs(batch, m, n)
-        moved = batch * n * (D + 4) + batch * m * n * 4 + batch * m * HEADS * (D + 8)
-        floor = max(moved / bw, 2 * batch * m * HEADS * n * D / peak)
+        args = fp8_inputs(batch, m, n)
+        floor = max(fp8_floors(batch, m, n, bw, peak))
         for config in CONFIGS:
             try:
                 seconds, error = run_config(config, args)
