@@ -23,7 +23,7 @@ from topklab.kernels.fp8_index import fp8_index_scores, fp8_index_scores_referen
 CASES = ((16, 4, 131072), (16, 1, 32768))
 # (columns per product, BLOCK_N, warps, stages, programs per SM); None = the shipped choice
 CONFIGS = (None,
-           (128, 64, 4, 3, 3), (128, 64, 4, 5, 3), (128, 64, 4, 4, 2),
+           (128, 64, 4, 3, 3), (128, 64, 4, 5, 3), (128, 64, 4, 4, 2), (128, 64, 4, 3, 4), (128, 64, 4, 2, 4),
            (128, 64, 8, 4, 2), (128, 64, 8, 3, 2), (128, 64, 8, 3, 3), (128, 128, 8, 3, 1),
            (256, 64, 8, 3, 2), (256, 64, 8, 4, 2), (64, 128, 4, 3, 4))
 
