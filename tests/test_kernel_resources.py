@@ -44,7 +44,8 @@ def test_kernel_resources_records_the_cuda_launches_and_compiles_them_for_sm90(t
     for cells in rows:
         registers, spill, shared = int(cells[5]), int(cells[6]), float(cells[7])
         assert 0 < registers <= 255 and spill >= 0 and shared >= 0
-    assert rows[2][2].strip() == "8x64", "the score kernel's grid at 8K: 8 KV rows x 64 spans of 128 keys"
+    assert rows[2][2].strip() == "8x32", "the score kernel's grid at 8K: 8 KV rows x 32 spans of 256 keys (one wave)"
+    assert rows[0][2].strip() == "8x8", "the sample kernel's grid at 8K: 8 KV rows x 1024 samples in 8 tiles"
     assert any(tmp_path.rglob("*.cubin")), "compiled for sm_90 in this test"
     assert tool.programs_per_sm({"reg": 255, "shared": 0}, 8) == (1, "registers")
     assert tool.programs_per_sm({"reg": 64, "shared": 100 * 1024}, 4) == (2, "shared")

@@ -222,7 +222,7 @@ def test_topk_finalize_paths_are_exact(kernels, rng, monkeypatch, cut_block, fin
     in chunks (a block of 64 forces that): each path exact, ties to the lower index included."""
     monkeypatch.setattr(kernels.topk, "CUT_BLOCK", cut_block)
     if finalize_block:
-        monkeypatch.setattr(kernels.topk, "_finalize_block", lambda n, k: finalize_block)
+        monkeypatch.setattr(kernels.topk, "_finalize_block", lambda n, k, sample: finalize_block)
     for make in (_randn, _small_ints):
         q, keys = make(rng, 2, 4, 16), make(rng, 2, 2, 4500, 16)
         kernels.topk.clear_scratch()
@@ -279,13 +279,23 @@ def test_topk_of_an_empty_batch(kernels, rng):
 def test_topk_sample_rank_bounds_the_miss_probability():
     """The threshold's rank: exact (k) when every key is sampled, otherwise above the expected number of top-k
     hits in the sample by >= 5 standard deviations, and never more than the sample."""
-    from topklab.kernels.topk import SAMPLE, _sample_rank
+    from topklab.kernels.topk import SAMPLE, _sample_rank, _sample_size
 
     assert _sample_rank(37, SAMPLE) == 37 and _sample_rank(1, 10) == 1
-    for n, k in ((131072, 64), (131072, 2048), (524288, 32768), (SAMPLE + 1, SAMPLE)):
-        lam = k * SAMPLE / n
-        rank = _sample_rank(k, n)
-        assert rank <= SAMPLE and (rank == SAMPLE or rank > lam + 5 * lam**0.5)
+    for n, k in ((131072, 64), (131072, 2048), (524288, 32768), (SAMPLE + 1, SAMPLE), (8192, 64), (8192, 2048),
+                 (20000, 3000)):
+        sample = _sample_size(n)
+        lam = k * sample / n
+        rank = _sample_rank(k, n, sample)
+        assert rank <= sample and (rank == sample or rank > lam + 5 * lam**0.5)
+
+
+def test_topk_samples_fewer_keys_of_short_rows():
+    """Every key of rows up to SAMPLE; an eighth of a short row's keys (at least 1024); SAMPLE from 32K keys on."""
+    from topklab.kernels.topk import SAMPLE, _sample_size
+
+    assert [_sample_size(n) for n in (100, SAMPLE, SAMPLE + 1, 8192, 16384, 20000, 32768, 131072)] == \
+        [SAMPLE, SAMPLE, 1024, 1024, 2048, 4096, 4096, 4096]
 
 
 def test_topk_folded_queries_and_unsorted_output(kernels, rng):

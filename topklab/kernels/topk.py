@@ -4,7 +4,8 @@ Four kernels instead of q.K^T + torch.topk (which writes the scores, then reads 
 row):
 
 1. ``_sample_kernel`` scores a stratified sample of SAMPLE keys of each row (one per stratum, at a hashed offset;
-   every valid key when the row holds at most SAMPLE), many programs per row.
+   every valid key when the row holds at most SAMPLE; an eighth of a short row's keys, see ``_sample_size``), many
+   programs per row.
 2. ``_threshold_kernel`` (one program per row) takes a value ``t`` that about ``lam + 5 sqrt(lam) + 5`` samples
    reach (lam = the expected number of the row's top k in the sample): with overwhelming probability at least k
    keys score >= t, and about 1.2-3k of them do. Fully sampled rows: at least k keys reach t, always.
@@ -39,7 +40,9 @@ HIST_BINS = 128  # 7 radix bits a finalize pass
 # per row: candidate count, largest candidate key (both zero between calls), padded to a 128-byte line of its own:
 # the count takes an atomic per candidate, and counters sharing a line serialise each other (H100: up to 2x slower)
 WORKSPACE_WIDTH = 32
-SAMPLE = 4096  # keys sampled per row to place its candidate threshold
+SAMPLE = 4096  # keys sampled per row to place its candidate threshold (fewer for short rows: _sample_size)
+SHORT_SAMPLE = 1024
+SHORT_ROW = 32768  # rows of at most this many keys: one wave of score programs
 # the threshold's rank among the samples: lam + SAMPLE_SIGMAS * sqrt(lam) + SAMPLE_SLACK (see _sample_rank)
 SAMPLE_SIGMAS, SAMPLE_SLACK = 5.0, 5.0
 THRESHOLD_WARPS = 4  # the bisection over one row's samples (1 and 4 warps measured within 3% on the H100)
@@ -170,18 +173,22 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, bounds: tuple, sequences
     # row strides padded to 16 so that Triton's divisibility specialisation stays fixed as N grows while decoding
     # (N itself is not specialised): one compilation per configuration, vectorised row accesses
     row_stride = _round16(n)
-    splits = max(1, min(cdiv(n, block_n), cdiv(4 * sm_count(device), n_lead * m_blocks)))
+    # programs per SM: 4 (two waves of the two that fit) balance long rows; short rows take one wave, each program a
+    # few tiles, rather than two waves of one tile each
+    per_sm = 2 if n <= SHORT_ROW else 4
+    splits = max(1, min(cdiv(n, block_n), cdiv(per_sm * sm_count(device), n_lead * m_blocks)))
     per_split = cdiv(cdiv(n, splits), block_n) * block_n
     starts, ends = (q3 if bound is None else bound for bound in bounds)  # q3: an unused pointer
     dot_fp32 = k3.dtype == torch.float32 or q3.dtype == torch.float32 or interpreting() or q3.dtype != k3.dtype
     tile = dict(D=d, BLOCK_D=max(16, next_pow2(d)), BLOCK_M=block_m, BLOCK_N=block_n, REDUCE_GROUP=per_kv_head,
                 DOT_FP32=dot_fp32, HAS_STARTS=bounds[0] is not None, HAS_ENDS=bounds[1] is not None)
 
-    samples = _scratch(device, "samples", (rows, SAMPLE), torch.float32)
+    sample = _sample_size(n)
+    samples = _scratch(device, "samples", (rows, sample), torch.float32)
     thresholds = _scratch(device, "thresholds", (rows,), torch.int32)
     candidates = _scratch(device, "candidates", (rows, row_stride), torch.int64)
     workspace = _scratch(device, "workspace", (rows, WORKSPACE_WIDTH), torch.int32, zeroed=True)
-    block_f = _finalize_block(n, k)
+    block_f = _finalize_block(n, k, sample)
     block_s = min(CUT_BLOCK, block_f // 4)
     # the score kernel's first tiles overlap the sample and threshold kernels. Per KV head (b1 128K k=2048, graph):
     # select + attend 147.0 -> 137.2 us on the H100, 134.4 -> 114.7 us on the H200 (2026-12-06); per query head
@@ -191,12 +198,12 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, bounds: tuple, sequences
     out_scores = torch.empty(rows, k, dtype=torch.float32, device=device)
     out_indices = torch.empty(rows, k, dtype=torch.int64, device=device)
     try:
-        launch(_sample_kernel, (n_lead * m_blocks, SAMPLE // block_n),
+        launch(_sample_kernel, (n_lead * m_blocks, sample // block_n),
                (q3, k3, starts, ends, leads_per_seq, samples, n, m, k3.stride(0), k3.stride(1)),
-               dict(**tile, SAMPLE=SAMPLE),
+               dict(**tile, SAMPLE=sample),
                num_warps=4)
         launch(_threshold_kernel, (rows,), (samples, starts, ends, rows // sequences, thresholds, n, k),
-               dict(HAS_STARTS=tile["HAS_STARTS"], HAS_ENDS=tile["HAS_ENDS"], SAMPLE=SAMPLE, SIGMAS=SAMPLE_SIGMAS,
+               dict(HAS_STARTS=tile["HAS_STARTS"], HAS_ENDS=tile["HAS_ENDS"], SAMPLE=sample, SIGMAS=SAMPLE_SIGMAS,
                     SLACK=SAMPLE_SLACK, EARLY=early),
                num_warps=THRESHOLD_WARPS)
         launch(_score_kernel, (n_lead * m_blocks, cdiv(n, per_split)),
@@ -213,25 +220,35 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, bounds: tuple, sequences
     return out_scores, out_indices
 
 
-def _sample_rank(k: int, length: int) -> int:
+def _sample_size(n: int) -> int:
+    """Keys sampled per row of N: SAMPLE (every key when N <= SAMPLE); for short rows an eighth of them, at least
+    SHORT_SAMPLE: sampling half of an 8K row costs more than the extra candidates it saves. With the one wave of
+    score programs for short rows (H100, 2026-12-07, bench_kernels b1 8K k = 64 / 512 / 2048): 24.5 / 27.0 / 35.9 ->
+    22.8 / 23.7 / 35.2 us; b16 8K k = 64: 199.4 -> 141.6 us."""
+    if n <= SAMPLE:
+        return SAMPLE
+    return max(SHORT_SAMPLE, min(SAMPLE, next_pow2(n) // 8))
+
+
+def _sample_rank(k: int, length: int, sample: int = SAMPLE) -> int:
     """Rank r of the threshold among a row's sampled scores: with ``s`` of ``length`` keys sampled, the r-th
     largest sample leaves fewer than k keys above it only if r of the samples hit the row's top k - 1, a count of
     mean lam = k * s / length, so r = lam + SAMPLE_SIGMAS * sqrt(lam) + SAMPLE_SLACK makes that a > 5-sigma event
     (then the finalize rescans the row). About r * length / s keys pass. Every key sampled: r = k, exact. The
     threshold kernel computes the same rank per row on the device; this copy sizes the finalize."""
-    s = min(length, SAMPLE)
+    s = min(length, sample)
     if s == length:
         return k
     lam = k * s / length
     return min(s, math.ceil(lam + SAMPLE_SIGMAS * math.sqrt(lam) + SAMPLE_SLACK))
 
 
-def _finalize_block(n: int, k: int) -> int:
+def _finalize_block(n: int, k: int, sample: int) -> int:
     """Candidates the finalize keeps in registers: the expected count rounded up to a power of two, 256..4096 (the
     rest are read from L2 in chunks each pass). A block of 8192 spills with 8 or 16 warps (compiled for sm_90:
     255 registers and 120 stack bytes, or 128 and 160; `benchmarks/kernel_resources.py`); 4096 does not. H100,
     2026-12-06, b1 128K k = 8192: finalize 79.5 -> 72.0 us, graph 170.5 -> 164.8 us; k <= 2048 unchanged."""
-    expected = _sample_rank(k, n) * n / min(n, SAMPLE)
+    expected = _sample_rank(k, n, sample) * n / min(n, sample)
     return min(4096, max(256, next_pow2(int(expected))))
 
 
