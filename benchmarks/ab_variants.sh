@@ -4,7 +4,8 @@
 # package, DIR/topklab (e.g. `git archive HEAD topklab | tar -x -C _variants/base`); keep it untracked and not
 # ignored, so that the device call copies it. Run from the repo root on the GPU machine:
 #   VARIANTS="_variants/base _variants/new" DECODE="_variants/base _variants/new" bash benchmarks/ab_variants.sh
-# Logs and tables under $OUT (or /tmp/ab_variants). Each variant's topklab comes first on PYTHONPATH.
+# Logs and tables under $OUT (or /tmp/ab_variants); ab_table.md: graph us per case, a column per variant
+# (benchmarks/ab_table.py). Each variant's topklab comes first on PYTHONPATH.
 export PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/ab_variants}
 mkdir -p "$out"
@@ -24,6 +25,7 @@ for v in $DECODE; do
     --warmup 24 --modes graph-dense-flash,graph-topk-head,graph-topk-group \
     --json "$out/decoding_$(basename "$v").json" 2>&1 | tail -n 4
 done
+[ -n "$VARIANTS" ] && PYTHONPATH=benchmarks:. python3 benchmarks/ab_table.py "$out/ab.log" --out "$out/ab_table.md"
 if [ "${AB_TESTS:-1}" != 0 ]; then
   echo "=== tests $(date +%T)"
   PYTHONPATH=.:tests timeout 280 python3 -m pytest -m gpu tests/test_kernels_gpu.py tests/test_decoding.py -q -x \
