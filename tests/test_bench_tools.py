@@ -22,13 +22,16 @@ Traceback (most recent call last):
 """
 
 
+def _ab_table(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH / "ab_table.py"), *args], capture_output=True, text=True,
+                          timeout=300, env={"PYTHONPATH": f"{BENCH}:{BENCH.parent}", "PATH": "/usr/bin:/bin"})
+
+
 def test_ab_table_puts_each_variants_graph_time_in_its_column(tmp_path):
     """A case a variant did not reach (its profile stopped) shows as '-'; the table is also written with --out."""
     log, out = tmp_path / "ab.log", tmp_path / "table.md"
     log.write_text(LOG)
-    run = subprocess.run([sys.executable, str(BENCH / "ab_table.py"), str(log), "--out", str(out)],
-                         capture_output=True, text=True, timeout=300, cwd=BENCH.parent,
-                         env={"PYTHONPATH": f"{BENCH}:{BENCH.parent}", "PATH": "/usr/bin:/bin"})
+    run = _ab_table(str(log), "--out", str(out))
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.splitlines() == out.read_text().splitlines() == [
         "| case | base | short2 |", "|---|---:|---:|",
@@ -38,6 +41,5 @@ def test_ab_table_puts_each_variants_graph_time_in_its_column(tmp_path):
 def test_ab_table_rejects_a_log_without_profiles(tmp_path):
     log = tmp_path / "other.log"
     log.write_text("pytest output only\n")
-    run = subprocess.run([sys.executable, str(BENCH / "ab_table.py"), str(log)], capture_output=True, text=True,
-                         timeout=300, env={"PYTHONPATH": f"{BENCH}:{BENCH.parent}", "PATH": "/usr/bin:/bin"})
+    run = _ab_table(str(log))
     assert run.returncode != 0 and "ab_variants.sh" in run.stderr
