@@ -5,8 +5,10 @@ device time is spent. The public wrappers (``topk``, ``topk_attention``, ``fp8_i
 tensors of the benchmark shapes with ``launch`` replaced by a recorder, so every launch is the one the CUDA path
 would make (grid, constants, warps, stages). Each is then compiled for sm_90 with the specialisation Triton gives it
 at run time: 16-byte aligned tensors, integers that are 1 or multiples of 16 marked so (unless the kernel does not
-specialise on them). Resource usage comes from ``cuobjdump`` in Triton's own toolchain; registers and occupancy can
-differ between Triton versions, so compare runs of one version.
+specialise on them). Resource usage comes from ``cuobjdump`` in Triton's own toolchain. Registers, layouts and
+occupancy differ between Triton versions, even in the direction of a change (the sure-winners branch: 114 -> 106
+registers with Triton 3.9, 78 -> 96 with 3.6, measured slower on the GPU), so compile with the device's version,
+installed aside: ``pip install --no-deps --target DIR triton==3.6.0``, then ``DIR`` first on PYTHONPATH.
 
     PYTHONPATH=. python3 benchmarks/kernel_resources.py [--only "topk b1 128K"] [--out FILE]
 """
