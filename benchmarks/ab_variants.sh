@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # A/B of kernel variants in one device call: profile_kernels.py per variant, graph decoding at 128K per variant,
 # then the GPU tests on the working tree (AB_TESTS=0 skips them). A variant is a directory holding a copy of the
-# package, DIR/topklab (e.g. `git archive HEAD topklab | tar -x -C _variants/base`); keep it untracked and not
-# ignored, so that the device call copies it. Run from the repo root on the GPU machine:
+# package, DIR/topklab (e.g. `git archive BRANCH topklab tests | tar -x -C _variants/NAME`); keep it untracked and
+# not ignored, so that the device call copies it. VARIANT_TESTS="PYTEST ARGS" runs each variant's own
+# tests/test_kernels_gpu.py (where it has one) with them, e.g. VARIANT_TESTS='-k "topk_matches or sort_kernel"'
+# (-k also matches the variant's directory name: a variant named sort matches -k sort everywhere). Run from the
+# repo root on the GPU machine:
 #   VARIANTS="_variants/base _variants/new" DECODE="_variants/base _variants/new" bash benchmarks/ab_variants.sh
 # Logs and tables under $OUT (or /tmp/ab_variants); ab_table.md: graph us per case, a column per variant
 # (benchmarks/ab_table.py). Each variant's topklab comes first on PYTHONPATH.
@@ -26,6 +29,14 @@ for v in $DECODE; do
     --json "$out/decoding_$(basename "$v").json" 2>&1 | tail -n 4
 done
 [ -n "$VARIANTS" ] && PYTHONPATH=benchmarks:. python3 benchmarks/ab_table.py "$out/ab.log" --out "$out/ab_table.md"
+if [ -n "${VARIANT_TESTS:-}" ]; then
+  for v in $VARIANTS; do
+    [ -f "$v/tests/test_kernels_gpu.py" ] || continue
+    echo "=== variant tests $v $(date +%T)"
+    (cd "$v" && eval "PYTHONPATH=.:tests timeout 120 python3 -m pytest -m gpu tests/test_kernels_gpu.py -q -x \
+      -p no:cacheprovider $VARIANT_TESTS" 2>&1 | tail -n 3)
+  done
+fi
 if [ "${AB_TESTS:-1}" != 0 ]; then
   echo "=== tests $(date +%T)"
   PYTHONPATH=.:tests timeout 280 python3 -m pytest -m gpu tests/test_kernels_gpu.py tests/test_decoding.py -q -x \
