@@ -1,4 +1,4 @@
-"""Registers, spills, shared memory, layout conversions and occupancy of every Triton kernel launch, compiled for the H100 without a GPU.
+"""Registers, spills, shared memory, layout conversions, occupancy of every Triton launch, for the H100, without a GPU.
 
 Why: a kernel that spills or fits fewer programs per SM than its grid assumes explains a missed floor before any
 device time is spent. The public wrappers (``topk``, ``topk_attention``, ``fp8_index_scores``) run on empty CPU
