@@ -236,6 +236,21 @@ def test_topk_finalize_paths_are_exact(kernels, rng, monkeypatch, cut_block, fin
             assert bool(cut_bins.any()) == (cut_block > 1), "the cut's bin was (not) copied out"
 
 
+@pytest.mark.parametrize("k", [1, 37, 300])
+def test_topk_sort_kernel_orders_rows_as_the_torch_sort(kernels, rng, k):
+    """Rows best first, ties to the lower index, padding (-inf, -1) last: the one-launch sort and the torch sort
+    agree exactly (scores with many ties, zeros, negative scores; the finalize never writes -0.0)."""
+    rows = 5
+    scores = torch.randint(-3, 4, (rows, k), generator=rng).float() * 0.5
+    indices = torch.stack([torch.randperm(10 * k, generator=rng)[:k] for _ in range(rows)])
+    pad = torch.arange(k) >= k - k // 3  # the last third of each row is padding in rows 1 and 3
+    for r in (1, 3):
+        scores[r, pad], indices[r, pad] = float("-inf"), -1
+    ref = kernels.topk._sort_best_first(scores.clone(), indices.clone())
+    got = kernels.topk._sort_rows(scores.clone(), indices.clone())
+    assert torch.equal(got[1], ref[1]) and torch.equal(got[0], ref[0])
+
+
 def test_topk_leaves_its_workspace_zeroed_for_the_next_call(kernels, rng):
     """The candidate counters are reused without a memset: each call must clear every row it used."""
     q, keys = _randn(rng, 2, 4, 32), _randn(rng, 2, 2, 4500, 32)  # a sampled row and a short one

@@ -47,6 +47,17 @@ def test_topk_matches_reference(cuda_rng, dtype, n, k, per_kv_head):
     _check_topk_close(got, ref, q, keys, lengths=lengths, per_kv_head=per_kv_head)
 
 
+@pytest.mark.parametrize("k", [64, 2048, 8192])
+def test_sort_kernel_matches_the_torch_sort_on_gpu(cuda_rng, k):
+    import topklab.kernels.topk as topk_module
+    scores = torch.randint(-50, 50, (64, k), generator=cuda_rng, device="cuda").float() * 0.25
+    indices = torch.randint(0, 1 << 20, (64, k), generator=cuda_rng, device="cuda")
+    scores[::3, k // 2:], indices[::3, k // 2:] = float("-inf"), -1
+    ref = topk_module._sort_best_first(scores.clone(), indices.clone())
+    got = topk_module._sort_rows(scores.clone(), indices.clone())
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
 @pytest.mark.parametrize("k", [64, 2048])
 @pytest.mark.parametrize("per_kv_head", [False, True])
 def test_topk_and_attention_with_starts(cuda_rng, k, per_kv_head):

@@ -70,7 +70,7 @@ def topk(q: torch.Tensor, keys: torch.Tensor, k: int, *, lengths: torch.Tensor |
         return topk_reference(q, keys, k, lengths=lengths, starts=starts, per_kv_head=per_kv_head)
     scores, indices = _select(q3, k3, k, bounds, keys.shape[0], per_kv_head)
     if sorted:
-        scores, indices = _sort_best_first(scores, indices)
+        scores, indices = _sort_rows(scores, indices)
     return scores.view(*out_shape, k), indices.view(*out_shape, k)
 
 
@@ -144,6 +144,21 @@ def _sequence_bounds(starts: torch.Tensor | None, lengths: torch.Tensor | None,
                 value = value.clamp(0, n).to(torch.int32)
         bounds.append(value)
     return bounds[0], bounds[1]
+
+
+MAX_SORT_BLOCK = 8192  # rows of at most this many winners are sorted in registers, one program each
+
+
+def _sort_rows(scores: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row best first, ties to the lower index: in place by one launch (a program per row sorts it in
+    registers) where the row fits MAX_SORT_BLOCK, else :func:`_sort_best_first` (a dozen torch launches)."""
+    k = scores.shape[-1]
+    if k > MAX_SORT_BLOCK or scores.shape[0] == 0:
+        return _sort_best_first(scores, indices)
+    block = max(16, next_pow2(k))
+    launch(_sort_rows_kernel, (scores.shape[0],), (scores, indices, k), dict(BLOCK=block),
+           num_warps=8 if block >= 2048 else 4)
+    return scores, indices
 
 
 def _sort_best_first(scores: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -313,6 +328,21 @@ if HAS_TRITON:
         if HAS_ENDS:
             end = tl.minimum(tl.maximum(tl.load(end_ptr + seq), start), N)
         return start, end
+
+    @triton.jit(do_not_specialize=["k"])
+    def _sort_rows_kernel(s_ptr, i_ptr, k, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        """Sort one row of k (score, index) pairs best first, ties to the lower index, in place: one int64 key per
+        pair (the score's ordered key, then the index complemented, -1 padding included), sorted descending."""
+        pdl_enter(PDL)
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        ok = offs < k
+        score = tl.load(s_ptr + row * k + offs, mask=ok, other=0.0)
+        index = tl.load(i_ptr + row * k + offs, mask=ok, other=-1)
+        packed = (_ordered_key(score).to(tl.int64) << 32) | (4294967294 - index)  # index -1 .. 2**32 - 2
+        packed = tl.sort(tl.where(ok, packed, -9223372036854775807 - 1), descending=True)
+        tl.store(s_ptr + row * k + offs, _key_to_float((packed >> 32).to(tl.int32)), mask=ok)
+        tl.store(i_ptr + row * k + offs, 4294967294 - (packed & 4294967295), mask=ok)
 
     @triton.jit
     def _pick_bin(hist, need, NB: tl.constexpr):
