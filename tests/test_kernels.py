@@ -247,7 +247,7 @@ def test_topk_sort_kernel_orders_rows_as_the_torch_sort(kernels, rng, k):
     for r in (1, 3):
         scores[r, pad], indices[r, pad] = float("-inf"), -1
     ref = kernels.topk._sort_best_first(scores.clone(), indices.clone())
-    got = kernels.topk._sort_rows(scores.clone(), indices.clone())
+    got = kernels.topk._sort_rows_in_registers(scores.clone(), indices.clone())
     assert torch.equal(got[1], ref[1]) and torch.equal(got[0], ref[0])
 
 

@@ -56,7 +56,7 @@ def test_sort_kernel_matches_the_torch_sort_on_gpu(cuda_rng, k):
     indices = torch.randint(0, 1 << 20, (64, k), generator=cuda_rng, device="cuda")
     scores[::3, k // 2:], indices[::3, k // 2:] = float("-inf"), -1
     ref = topk_module._sort_best_first(scores.clone(), indices.clone())
-    got = topk_module._sort_rows(scores.clone(), indices.clone())
+    got = topk_module._sort_rows_in_registers(scores.clone(), indices.clone())
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
 
 

@@ -21,7 +21,8 @@ row):
 
 Scratch buffers (samples, thresholds, candidates, the workspace of counters) are kept per device and stream and
 reused; the workspace is all zeros between calls, so no memset is launched. Scores and indices come back unordered
-unless ``sorted=True`` (a torch sort of the k winners). Scores are compared through an integer key whose signed
+unless ``sorted=True`` (one more launch sorts rows of up to 512 winners in registers, or 2048 in one wave of
+programs; torch sorts longer rows). Scores are compared through an integer key whose signed
 order is the float order. Valid keys may be a range ``[start, end)`` per sequence (left padding), read on the device.
 """
 
@@ -146,15 +147,27 @@ def _sequence_bounds(starts: torch.Tensor | None, lengths: torch.Tensor | None,
     return bounds[0], bounds[1]
 
 
-MAX_SORT_BLOCK = 8192  # rows of at most this many winners are sorted in registers, one program each
+MAX_SORT_BLOCK = 8192  # the most winners a row may have for _sort_rows_in_registers (compiled without spills)
+SORT_ALWAYS, SORT_ONE_WAVE = 512, 2048  # where the in-register sort is used (see _sort_rows)
 
 
 def _sort_rows(scores: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row best first, ties to the lower index: in place by one launch (a program per row sorts it in
-    registers) where the row fits MAX_SORT_BLOCK, else :func:`_sort_best_first` (a dozen torch launches)."""
+    """Each row best first, ties to the lower index: the one-launch sort in registers where it was measured faster
+    than :func:`_sort_best_first` (a dozen torch launches), i.e. k <= 512, or k <= 2048 while the rows fit one wave.
+    H200, 2026-12-07, sorted us (sort kernel / torch sort): b1 8K k = 64 21.8 / 57.5, k = 2048 76.6 / 92.3; b16 8K
+    k = 512 161.9 / 200.0; slower at b16 (512 rows) k = 2048, 341.2 / 299.9, and at b1 k = 8192, 427.4 / 308.6: a
+    bitonic sort's cost grows as k log^2 k per program."""
+    rows, k = scores.shape
+    if rows and (k <= SORT_ALWAYS or (k <= SORT_ONE_WAVE and rows <= sm_count(scores.device))):
+        return _sort_rows_in_registers(scores, indices)
+    return _sort_best_first(scores, indices)
+
+
+def _sort_rows_in_registers(scores: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort each row in place, one program per row (k <= MAX_SORT_BLOCK)."""
     k = scores.shape[-1]
-    if k > MAX_SORT_BLOCK or scores.shape[0] == 0:
-        return _sort_best_first(scores, indices)
+    if k > MAX_SORT_BLOCK:
+        raise ValueError(f"rows of {k} winners exceed the in-register sort's {MAX_SORT_BLOCK}; use _sort_best_first")
     block = max(16, next_pow2(k))
     launch(_sort_rows_kernel, (scores.shape[0],), (scores, indices, k), dict(BLOCK=block),
            num_warps=8 if block >= 2048 else 4)
