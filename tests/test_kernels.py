@@ -222,7 +222,7 @@ def test_topk_finalize_paths_are_exact(kernels, rng, monkeypatch, cut_block, fin
     in chunks (a block of 64 forces that): each path exact, ties to the lower index included."""
     monkeypatch.setattr(kernels.topk, "CUT_BLOCK", cut_block)
     if finalize_block:
-        monkeypatch.setattr(kernels.topk, "_finalize_block", lambda n, k, sample: finalize_block)
+        monkeypatch.setattr(kernels.topk, "_finalize_block", lambda expected: finalize_block)
     for make in (_randn, _small_ints):
         q, keys = make(rng, 2, 4, 16), make(rng, 2, 2, 4500, 16)
         kernels.topk.clear_scratch()
@@ -234,6 +234,43 @@ def test_topk_finalize_paths_are_exact(kernels, rng, monkeypatch, cut_block, fin
         else:
             _check_topk_close(got, ref, q, keys)
             assert bool(cut_bins.any()) == (cut_block > 1), "the cut's bin was (not) copied out"
+
+
+@pytest.mark.parametrize("cut_cap,wide_bins", [(2048, 2048), (64, 4)])
+@pytest.mark.parametrize("per_kv_head", [False, True])
+def test_topk_split_finalize_is_exact(kernels, rng, monkeypatch, cut_cap, wide_bins, per_kv_head):
+    """Rows of many candidates are cut in parts (histogram, route, then the finalize over the cut's bin); forced
+    here for every row. Sampled and fully sampled rows, left padding, a row shorter than k, ties to the lower index;
+    with 4 bins the cut's bin outgrows a cut buffer of 64, so the rows fall back to the whole finalize. The
+    workspace and the histograms are left zeroed."""
+    monkeypatch.setattr(kernels.topk, "_split_finalize", lambda expected, rows, device: True)
+    monkeypatch.setattr(kernels.topk, "CUT_CAP", cut_cap)
+    monkeypatch.setattr(kernels.topk, "WIDE_BINS", wide_bins)
+    kernels.topk.clear_scratch()
+    kernels.topk._scratch(torch.device("cpu"), "cut_rows", (64 * 2048,), torch.int64, zeroed=True)
+    q, keys = _randn(rng, 3, 4, 16), _randn(rng, 3, 2, 4500, 16)
+    starts, lengths = torch.tensor([0, 100, 4400]), torch.tensor([4500, 3000, 4500])
+    got = kernels.topk.topk(q, keys, 150, lengths=lengths, starts=starts, per_kv_head=per_kv_head)
+    ref = kernels.topk.topk_reference(q, keys, 150, lengths=lengths, starts=starts, per_kv_head=per_kv_head)
+    _check_topk_close(got, ref, q, keys, lengths=lengths, per_kv_head=per_kv_head)
+    scratch = kernels.topk._SCRATCH[kernels.topk._scratch_key(q.device)]
+    assert bool(scratch["cut_rows"].any()) == (cut_cap > 64), "the cut's bin was (not) routed to the cut buffer"
+    q, keys = _small_ints(rng, 2, 4, 16), _small_ints(rng, 2, 2, 2048, 16)
+    keys[:, :, 1024:] = keys[:, :, :1024]  # many exact ties
+    for k in (1, 300, 2048):
+        got = kernels.topk.topk(q, keys, k, per_kv_head=per_kv_head)
+        ref = kernels.topk.topk_reference(q, keys, k, per_kv_head=per_kv_head)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    assert not bool(scratch["workspace"].any()) and not bool(scratch["histograms"].any())
+
+
+def test_topk_splits_the_finalize_of_long_rows_that_leave_sms_idle():
+    from topklab.kernels.topk import SPLIT_ALWAYS_FROM, SPLIT_FROM, _split_finalize
+
+    cpu = torch.device("cpu")  # 4 "SMs" (sm_count)
+    assert _split_finalize(SPLIT_FROM + 1, 4, cpu) and not _split_finalize(SPLIT_FROM + 1, 5, cpu)
+    assert not _split_finalize(SPLIT_FROM, 1, cpu)
+    assert _split_finalize(SPLIT_ALWAYS_FROM + 1, 512, cpu)
 
 
 @pytest.mark.parametrize("k", [1, 37, 300])

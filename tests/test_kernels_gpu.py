@@ -49,6 +49,29 @@ def test_topk_matches_reference(cuda_rng, dtype, n, k, per_kv_head):
     _check_topk_close(got, ref, q, keys, lengths=lengths, per_kv_head=per_kv_head)
 
 
+@pytest.mark.parametrize("n,k,cut_cap,wide_bins", [
+    (524288, 32768, None, None),  # k = N/16 at 512K
+    (131089, 2048, None, None),   # where one program per row is the default
+    (131089, 8193, 64, 32),       # the cut's bin outgrows the cut buffer: the whole finalize
+])
+@pytest.mark.parametrize("per_kv_head", [False, True])
+def test_topk_split_finalize_on_gpu(cuda_rng, monkeypatch, n, k, cut_cap, wide_bins, per_kv_head):
+    """The finalize in parts (histogram and route kernels, many programs per row) at full size, and its fallback."""
+    topk_module = importlib.import_module("topklab.kernels.topk")
+    monkeypatch.setattr(topk_module, "_split_finalize", lambda expected, rows, device: True)
+    for name, value in (("CUT_CAP", cut_cap), ("WIDE_BINS", wide_bins)):
+        if value is not None:
+            monkeypatch.setattr(topk_module, name, value)
+    b, hq, hkv, d = 2, 32, 8, 128
+    q, keys = _randn(cuda_rng, b, hq, d, dtype=torch.bfloat16), _randn(cuda_rng, b, hkv, n, d, dtype=torch.bfloat16)
+    lengths = torch.tensor([n, n // 3 - 5], device="cuda")
+    got = topk(q, keys, k, lengths=lengths, per_kv_head=per_kv_head)
+    ref = topk_reference(q, keys, k, lengths=lengths, per_kv_head=per_kv_head)
+    _check_topk_close(got, ref, q, keys, lengths=lengths, per_kv_head=per_kv_head)
+    scratch = topk_module._SCRATCH[topk_module._scratch_key(q.device)]
+    assert not bool(scratch["workspace"].any()) and not bool(scratch["histograms"].any())
+
+
 @pytest.mark.parametrize("k", [64, 2048, 8192])
 def test_sort_kernel_matches_the_torch_sort_on_gpu(cuda_rng, k):
     topk_module = importlib.import_module("topklab.kernels.topk")  # the package's `topk` attribute is the function

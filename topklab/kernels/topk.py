@@ -15,7 +15,10 @@ row):
 4. ``_finalize_kernel`` (one program per row) finds the exact k-th largest candidate by narrowing radix histograms
    over [t, largest candidate] (7 bits a pass, the candidates held in registers; after the first pass usually over
    the few hundred left in the cut's bin alone, copied out; ties go to the lower index),
-   writes the k winners and zeroes the row's workspace for the next call. Where fewer than k keys reached t (a
+   writes the k winners and zeroes the row's workspace for the next call. Rows of many candidates (large k) are
+   first cut by many programs each: ``_histogram_kernel`` counts them in 2048 bins, ``_route_kernel`` writes those
+   above the cut's bin as winners and copies the cut's bin out, and the finalize narrows that bin alone.
+   Where fewer than k keys reached t (a
    5-sigma miss, or inputs built against the sample), it rescans the row and selects among every key: slower,
    still exact, since the candidates are exactly the keys >= t whatever the sample's numerics.
 
@@ -49,6 +52,13 @@ SAMPLE_SIGMAS, SAMPLE_SLACK = 5.0, 5.0
 THRESHOLD_WARPS = 4  # the bisection over one row's samples (1 and 4 warps measured within 3% on the H100)
 MAX_GROUP_BLOCK = 64  # query rows scored together against one key tile
 CUT_BLOCK = 512  # the finalize's passes after the first run over the cut's bin alone when it holds at most this many
+# rows of many candidates are finalized in parts (_histogram_kernel, _route_kernel; see _split_finalize): one
+# 2048-bin histogram by many programs per row, winners above the cut's bin written by as many, the finalize left
+# with the cut's bin alone (at most CUT_CAP candidates, else it takes the whole row as before)
+SPLIT_FROM, SPLIT_ALWAYS_FROM = 4096, 32768
+WIDE_BINS = 2048
+CUT_CAP = 2048
+ROUTE_BLOCK = 1024  # candidates a histogram or route program reads per step
 
 
 def topk(q: torch.Tensor, keys: torch.Tensor, k: int, *, lengths: torch.Tensor | None = None,
@@ -216,8 +226,12 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, bounds: tuple, sequences
     thresholds = _scratch(device, "thresholds", (rows,), torch.int32)
     candidates = _scratch(device, "candidates", (rows, row_stride), torch.int64)
     workspace = _scratch(device, "workspace", (rows, WORKSPACE_WIDTH), torch.int32, zeroed=True)
-    block_f = _finalize_block(n, k, sample)
+    expected = _expected_candidates(n, k, sample)
+    split = _split_finalize(expected, rows, device)
+    block_f = CUT_CAP if split else _finalize_block(expected)
     block_s = min(CUT_BLOCK, block_f // 4)
+    histograms = _scratch(device, "histograms", (rows, WIDE_BINS), torch.int32, zeroed=True) if split else workspace
+    cut_rows = _scratch(device, "cut_rows", (rows, CUT_CAP), torch.int64) if split else candidates
     # the score kernel's first tiles overlap the sample and threshold kernels. Per KV head (b1 128K k=2048, graph):
     # select + attend 147.0 -> 137.2 us on the H100, 134.4 -> 114.7 us on the H200 (2026-12-06); per query head
     # 12-17 us slower on the H100 when both selections did it, so it stays off there
@@ -238,10 +252,20 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, bounds: tuple, sequences
                (q3, k3, starts, ends, leads_per_seq, thresholds, candidates, workspace, n, m, k3.stride(0),
                 k3.stride(1), per_split, row_stride),
                dict(**tile, WIDTH=WORKSPACE_WIDTH, EARLY=early), num_warps=8 if block_n == 128 else 4)
+        if split:
+            parts = max(1, min(cdiv(int(expected), ROUTE_BLOCK), cdiv(4 * sm_count(device), rows)))
+            row_args = (starts, ends, rows // sequences, thresholds, candidates, workspace, histograms, n, k,
+                        row_stride)
+            bounds_flags = dict(HAS_STARTS=tile["HAS_STARTS"], HAS_ENDS=tile["HAS_ENDS"], WIDTH=WORKSPACE_WIDTH,
+                                NB=WIDE_BINS)
+            launch(_histogram_kernel, (rows, parts), row_args, dict(**bounds_flags, BLOCK=ROUTE_BLOCK), num_warps=4)
+            launch(_route_kernel, (rows, parts), (*row_args, out_scores, out_indices, cut_rows),
+                   dict(**bounds_flags, CAP=CUT_CAP, BLOCK=ROUTE_BLOCK), num_warps=4)
         launch(_finalize_kernel, (rows,),
-               (q3, k3, starts, ends, leads_per_seq, thresholds, candidates, workspace, cut_bins, out_scores,
-                out_indices, n, m, k, k3.stride(0), k3.stride(1), row_stride),
-               dict(**tile, NB=HIST_BINS, BLOCK_F=block_f, BLOCK_S=block_s, WIDTH=WORKSPACE_WIDTH), num_warps=8)
+               (q3, k3, starts, ends, leads_per_seq, thresholds, candidates, workspace, cut_bins, histograms,
+                cut_rows, out_scores, out_indices, n, m, k, k3.stride(0), k3.stride(1), row_stride),
+               dict(**tile, NB=HIST_BINS, BLOCK_F=block_f, BLOCK_S=block_s, WIDTH=WORKSPACE_WIDTH, SPLIT=split,
+                    WIDE_NB=WIDE_BINS, CAP=CUT_CAP), num_warps=8)
     except BaseException:
         _SCRATCH.get(_scratch_key(device), {}).pop("workspace", None)  # a failed launch can leave it dirty
         raise
@@ -271,12 +295,25 @@ def _sample_rank(k: int, length: int, sample: int = SAMPLE) -> int:
     return min(s, math.ceil(lam + SAMPLE_SIGMAS * math.sqrt(lam) + SAMPLE_SLACK))
 
 
-def _finalize_block(n: int, k: int, sample: int) -> int:
+def _expected_candidates(n: int, k: int, sample: int) -> float:
+    """Keys of a row of N expected to reach its sampled threshold."""
+    return _sample_rank(k, n, sample) * n / min(n, sample)
+
+
+def _split_finalize(expected: float, rows: int, device: torch.device) -> bool:
+    """Finalize in parts where one program per row would leave most SMs idle on long rows: more than SPLIT_FROM
+    candidates expected per row while the rows fit one wave of programs, or more than SPLIT_ALWAYS_FROM. H100,
+    2026-12-07, graph us, one program per row -> in parts: b1 512K k = 32768 628.6 -> 494.8 (per KV head 538.4 ->
+    398.9), b1 128K k = 8192 156.4 -> 153.0 (140.9 -> 132.5), b16 512K k = 32768 7208 -> 6996; slower at b16 128K
+    k = 8192 (512 rows of ~11K candidates), 1798 -> 1833, which keeps one program per row."""
+    return expected > SPLIT_ALWAYS_FROM or (expected > SPLIT_FROM and rows <= sm_count(device))
+
+
+def _finalize_block(expected: float) -> int:
     """Candidates the finalize keeps in registers: the expected count rounded up to a power of two, 256..4096 (the
     rest are read from L2 in chunks each pass). A block of 8192 spills with 8 or 16 warps (compiled for sm_90:
     255 registers and 120 stack bytes, or 128 and 160; `benchmarks/kernel_resources.py`); 4096 does not. H100,
     2026-12-06, b1 128K k = 8192: finalize 79.5 -> 72.0 us, graph 170.5 -> 164.8 us; k <= 2048 unchanged."""
-    expected = _sample_rank(k, n, sample) * n / min(n, sample)
     return min(4096, max(256, next_pow2(int(expected))))
 
 
@@ -527,27 +564,132 @@ if HAS_TRITON:
         tl.store(cand_ptr + base[:, None] + slot, (key.to(tl.int64) << 32) | n[None, :], mask=take)
         return tl.maximum(largest, tl.max(tl.where(take, key, -2147483648), axis=1))
 
+    @triton.jit
+    def _row_candidates(start_ptr, end_ptr, seq, thr_ptr, ws_row, row, N, k, HAS_STARTS: tl.constexpr,
+                        HAS_ENDS: tl.constexpr):
+        """A row after the score pass: its valid keys [first, end), k_eff, its candidate count, threshold key and
+        largest candidate key."""
+        first, end = _row_range(start_ptr, end_ptr, seq, N, HAS_STARTS, HAS_ENDS)
+        k_eff = tl.minimum(k, end - first)
+        count = tl.load(ws_row)
+        lo = tl.load(thr_ptr + row).to(tl.int64)
+        hi = (tl.load(ws_row + 1) ^ -2147483648).to(tl.int64)
+        return first, end, k_eff, count, lo, hi
+
+    @triton.jit
+    def _bin_shift(lo, hi, NB: tl.constexpr):
+        """The least shift that maps the keys [lo, hi] into NB bins of 2**shift."""
+        shift = tl.full((), 0, tl.int64)
+        while ((hi - lo) >> shift) >= NB:
+            shift += 1
+        return shift
+
+    @triton.jit
+    def _wide_cut(hist_row, lo, hi, k_eff, NB: tl.constexpr, CAP: tl.constexpr):
+        """Where a row's NB-bin histogram puts its k-th largest candidate: the cut's bin [bin_lo, bin_hi], the
+        candidates still needed from it and those it holds; ``whole`` when it is needed whole, ``routed`` when the
+        route kernel took the row (whole, or the bin fits the cut buffer)."""
+        shift = _bin_shift(lo, hi, NB)
+        hist = tl.load(hist_row + tl.arange(0, NB))
+        b, need, in_bin = _pick_bin(hist, k_eff.to(tl.int64), NB)
+        bin_lo = lo + (b << shift)
+        bin_hi = tl.minimum(hi, bin_lo + (tl.full((), 1, tl.int64) << shift) - 1)
+        whole = in_bin == need
+        routed = (k_eff > 0) & (whole | (in_bin <= CAP))
+        return routed, whole, bin_lo, bin_hi, need, in_bin
+
+    @triton.jit(do_not_specialize=["N", "k"])
+    def _histogram_kernel(start_ptr, end_ptr, rows_per_seq, thr_ptr, cand_ptr, ws_ptr, hist_ptr, N, k, row_stride,
+                          HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr, WIDTH: tl.constexpr, NB: tl.constexpr,
+                          BLOCK: tl.constexpr, PDL: tl.constexpr):
+        """Count a share of one row's candidates in NB bins over [threshold, largest] into the row's histogram: an
+        atomic per candidate (tl.histogram costs O(NB) a key: 74 us at b1 128K k = 8192 on the H100, 2026-12-07).
+        Rows that need a rescan are left to the finalize."""
+        pdl_enter(PDL)
+        row, part, parts = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+        ws_row = ws_ptr + row * WIDTH
+        _, _, k_eff, count, lo, hi = _row_candidates(start_ptr, end_ptr, row // rows_per_seq, thr_ptr, ws_row, row,
+                                                     N, k, HAS_STARTS, HAS_ENDS)
+        if (count >= k_eff) & (k_eff > 0):
+            shift = _bin_shift(lo, hi, NB)
+            cand_row = cand_ptr + row.to(tl.int64) * row_stride
+            offs = tl.arange(0, BLOCK)
+            for i0 in range(part * BLOCK, count, parts * BLOCK):
+                ok = i0 + offs < count
+                packed = tl.load(cand_row + i0 + offs, mask=ok, other=0)
+                tl.atomic_add(hist_ptr + row * NB + (((packed >> 32) - lo) >> shift), 1, mask=ok, sem="relaxed")
+
+    @triton.jit(do_not_specialize=["N", "k"])
+    def _route_kernel(start_ptr, end_ptr, rows_per_seq, thr_ptr, cand_ptr, ws_ptr, hist_ptr, N, k, row_stride,
+                      out_s_ptr, out_i_ptr, cut_ptr, HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr,
+                      WIDTH: tl.constexpr, NB: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr,
+                      PDL: tl.constexpr):
+        """Split a share of one row's candidates by its histogram's cut: those above the cut's bin (or in it, when
+        it is needed whole) are winners, written at once; the cut's bin is copied to the row's cut buffer (slots
+        from two counters of the workspace). Rows the cut buffer cannot hold are left whole to the finalize."""
+        pdl_enter(PDL)
+        row, part, parts = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+        ws_row = ws_ptr + row * WIDTH
+        _, _, k_eff, count, lo, hi = _row_candidates(start_ptr, end_ptr, row // rows_per_seq, thr_ptr, ws_row, row,
+                                                     N, k, HAS_STARTS, HAS_ENDS)
+        if (count >= k_eff) & (k_eff > 0):
+            routed, whole, bin_lo, bin_hi, need, in_bin = _wide_cut(hist_ptr + row * NB, lo, hi, k_eff, NB, CAP)
+            if routed:
+                cand_row = cand_ptr + row.to(tl.int64) * row_stride
+                out_row = row.to(tl.int64) * k
+                offs = tl.arange(0, BLOCK)
+                for i0 in range(part * BLOCK, count, parts * BLOCK):
+                    ok = i0 + offs < count
+                    packed = tl.load(cand_row + i0 + offs, mask=ok, other=0)
+                    key = packed >> 32
+                    win = ok & tl.where(whole, key >= bin_lo, key > bin_hi)  # a select: see _in_range
+                    slot, wins = _append_slots(win, tl.full((), 0, tl.int32))
+                    slot += tl.atomic_add(ws_row + 2, wins, sem="relaxed")
+                    tl.store(out_s_ptr + out_row + slot, _key_to_float(key.to(tl.int32)), mask=win)
+                    tl.store(out_i_ptr + out_row + slot, packed & 0xFFFFFFFF, mask=win)
+                    cut = ok & (key >= bin_lo) & ~win
+                    slot, cuts = _append_slots(cut, tl.full((), 0, tl.int32))
+                    slot += tl.atomic_add(ws_row + 3, cuts, sem="relaxed")
+                    tl.store(cut_ptr + row.to(tl.int64) * CAP + slot, packed, mask=cut)
+
     @triton.jit(do_not_specialize=["N", "k"])
     def _finalize_kernel(q_ptr, k_ptr, start_ptr, end_ptr, leads_per_seq, thr_ptr, cand_ptr, ws_ptr, cut_ptr,
-                         out_s_ptr, out_i_ptr, N, M, k, stride_kl, stride_kn, row_stride, D: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         hist_ptr, cut_rows_ptr, out_s_ptr, out_i_ptr, N, M, k, stride_kl, stride_kn, row_stride,
+                         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          REDUCE_GROUP: tl.constexpr, DOT_FP32: tl.constexpr, HAS_STARTS: tl.constexpr,
                          HAS_ENDS: tl.constexpr, NB: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_S: tl.constexpr,
-                         WIDTH: tl.constexpr, PDL: tl.constexpr):
-        """One program per output row: its exact Top-k from its candidates, then its workspace zeroed again for the
-        next call. If fewer than k keys passed the sampled threshold (a > 5-sigma miss, or adversarial input), the
-        program rescans the row itself and takes every valid key as a candidate: slow, exact, rare."""
+                         WIDTH: tl.constexpr, SPLIT: tl.constexpr, WIDE_NB: tl.constexpr, CAP: tl.constexpr,
+                         PDL: tl.constexpr):
+        """One program per output row: its exact Top-k from its candidates (with SPLIT, of a routed row, from its
+        cut's bin alone, after the winners the route kernel wrote), then its workspace (and histogram) zeroed
+        again for the next call. If fewer than k keys passed the sampled threshold (a > 5-sigma miss, or
+        adversarial input), the program rescans the row itself and takes every valid key as a candidate: slow,
+        exact, rare."""
         pdl_enter(PDL)
         row = tl.program_id(0)
         rows_per_kv = 1 if REDUCE_GROUP else M
         lead = row // rows_per_kv
         ws_row = ws_ptr + row * WIDTH
-        first, end = _row_range(start_ptr, end_ptr, lead // leads_per_seq, N, HAS_STARTS, HAS_ENDS)
-        k_eff = tl.minimum(k, end - first)
-        count = tl.load(ws_row)
-        lo = tl.load(thr_ptr + row).to(tl.int64)
-        hi = (tl.load(ws_row + 1) ^ -2147483648).to(tl.int64)
+        first, end, k_eff, count, lo, hi = _row_candidates(start_ptr, end_ptr, lead // leads_per_seq, thr_ptr, ws_row,
+                                                           row, N, k, HAS_STARTS, HAS_ENDS)
         cand_row = cand_ptr + row.to(tl.int64) * row_stride
+        out_s_row = out_s_ptr + row.to(tl.int64) * k
+        out_i_row = out_i_ptr + row.to(tl.int64) * k
+        k_row = k
+        if SPLIT:
+            if (count >= k_eff) & (k_eff > 0):
+                routed, whole, bin_lo, bin_hi, need, in_bin = _wide_cut(hist_ptr + row * WIDE_NB, lo, hi, k_eff,
+                                                                        WIDE_NB, CAP)
+                if routed:
+                    written = k_eff - tl.where(whole, 0, need)
+                    cand_row = cut_rows_ptr + row.to(tl.int64) * CAP
+                    count = tl.where(whole, 0, in_bin).to(tl.int32)
+                    lo, hi = bin_lo, bin_hi
+                    k_eff = (k_eff - written).to(tl.int32)
+                    k_row = k - written.to(tl.int32)
+                    out_s_row += written
+                    out_i_row += written
+            tl.store(hist_ptr + row * WIDE_NB + tl.arange(0, WIDE_NB), tl.zeros((WIDE_NB,), tl.int32))
         if count < k_eff:
             m = row % rows_per_kv
             q, m_ok = _query_block(q_ptr, lead, m // BLOCK_M, M, D, BLOCK_D, BLOCK_M, DOT_FP32)
@@ -564,10 +706,9 @@ if HAS_TRITON:
             count = end - first
             lo = tl.full((), -2147483648, tl.int64)
             hi = tl.full((), 2147483647, tl.int64)
-        _finalize_row(cand_row, count, lo, hi, k_eff, k, N, out_s_ptr + row.to(tl.int64) * k,
-                      out_i_ptr + row.to(tl.int64) * k, cut_ptr + row.to(tl.int64) * BLOCK_S, NB, BLOCK_F,
-                      BLOCK_F // 4, BLOCK_S)
-        tl.store(ws_row + tl.arange(0, 2), tl.zeros((2,), tl.int32))
+        _finalize_row(cand_row, count, lo, hi, k_eff, k_row, N, out_s_row, out_i_row,
+                      cut_ptr + row.to(tl.int64) * BLOCK_S, NB, BLOCK_F, BLOCK_F // 4, BLOCK_S)
+        tl.store(ws_row + tl.arange(0, 4), tl.zeros((4,), tl.int32))
 
     @triton.jit
     def _sort_key(packed, phase):
