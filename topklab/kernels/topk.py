@@ -17,10 +17,10 @@ row):
    the few hundred left in the cut's bin alone, copied out; ties go to the lower index),
    writes the k winners and zeroes the row's workspace for the next call. Rows of many candidates (large k) are
    first cut by many programs each: ``_histogram_kernel`` counts them in 2048 bins, ``_route_kernel`` writes those
-   above the cut's bin as winners and copies the cut's bin out, and the finalize narrows that bin alone.
-   Where fewer than k keys reached t (a
-   5-sigma miss, or inputs built against the sample), it rescans the row and selects among every key: slower,
-   still exact, since the candidates are exactly the keys >= t whatever the sample's numerics.
+   above the cut's bin as winners and copies the cut's bin out, and the finalize narrows that bin alone. Where
+   fewer than k keys reached t (a 5-sigma miss, or inputs built against the sample), the finalize rescans the row
+   and selects among every key: slower, still exact, since the candidates are exactly the keys >= t whatever the
+   sample's numerics.
 
 Scratch buffers (samples, thresholds, candidates, the workspace of counters) are kept per device and stream and
 reused; the workspace is all zeros between calls, so no memset is launched. Scores and indices come back unordered
