@@ -598,6 +598,16 @@ if HAS_TRITON:
         routed = (k_eff > 0) & (whole | (in_bin <= CAP))
         return routed, whole, bin_lo, bin_hi, need, in_bin
 
+    @triton.jit
+    def _row_share(start_ptr, end_ptr, rows_per_seq, thr_ptr, ws_ptr, N, k, HAS_STARTS: tl.constexpr,
+                   HAS_ENDS: tl.constexpr, WIDTH: tl.constexpr):
+        """A histogram or route program's row, its share (part of parts), the row's workspace and candidates."""
+        row, part, parts = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+        ws_row = ws_ptr + row * WIDTH
+        _, _, k_eff, count, lo, hi = _row_candidates(start_ptr, end_ptr, row // rows_per_seq, thr_ptr, ws_row, row,
+                                                     N, k, HAS_STARTS, HAS_ENDS)
+        return row, part, parts, ws_row, k_eff, count, lo, hi
+
     @triton.jit(do_not_specialize=["N", "k"])
     def _histogram_kernel(start_ptr, end_ptr, rows_per_seq, thr_ptr, cand_ptr, ws_ptr, hist_ptr, N, k, row_stride,
                           HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr, WIDTH: tl.constexpr, NB: tl.constexpr,
@@ -606,10 +616,8 @@ if HAS_TRITON:
         atomic per candidate (tl.histogram costs O(NB) a key: 74 us at b1 128K k = 8192 on the H100, 2026-12-07).
         Rows that need a rescan are left to the finalize."""
         pdl_enter(PDL)
-        row, part, parts = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
-        ws_row = ws_ptr + row * WIDTH
-        _, _, k_eff, count, lo, hi = _row_candidates(start_ptr, end_ptr, row // rows_per_seq, thr_ptr, ws_row, row,
-                                                     N, k, HAS_STARTS, HAS_ENDS)
+        row, part, parts, ws_row, k_eff, count, lo, hi = _row_share(start_ptr, end_ptr, rows_per_seq, thr_ptr, ws_ptr,
+                                                                    N, k, HAS_STARTS, HAS_ENDS, WIDTH)
         if (count >= k_eff) & (k_eff > 0):
             shift = _bin_shift(lo, hi, NB)
             cand_row = cand_ptr + row.to(tl.int64) * row_stride
@@ -628,10 +636,8 @@ if HAS_TRITON:
         it is needed whole) are winners, written at once; the cut's bin is copied to the row's cut buffer (slots
         from two counters of the workspace). Rows the cut buffer cannot hold are left whole to the finalize."""
         pdl_enter(PDL)
-        row, part, parts = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
-        ws_row = ws_ptr + row * WIDTH
-        _, _, k_eff, count, lo, hi = _row_candidates(start_ptr, end_ptr, row // rows_per_seq, thr_ptr, ws_row, row,
-                                                     N, k, HAS_STARTS, HAS_ENDS)
+        row, part, parts, ws_row, k_eff, count, lo, hi = _row_share(start_ptr, end_ptr, rows_per_seq, thr_ptr, ws_ptr,
+                                                                    N, k, HAS_STARTS, HAS_ENDS, WIDTH)
         if (count >= k_eff) & (k_eff > 0):
             routed, whole, bin_lo, bin_hi, need, in_bin = _wide_cut(hist_ptr + row * NB, lo, hi, k_eff, NB, CAP)
             if routed:
