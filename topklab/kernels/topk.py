@@ -771,9 +771,7 @@ if HAS_TRITON:
         chunk = tl.arange(0, BLOCK_C)
         passes = 0
         while (~done) & (passes < max_passes):
-            shift = tl.full((), 0, tl.int64)
-            while ((hi - lo) >> shift) >= NB:
-                shift += 1
+            shift = _bin_shift(lo, hi, NB)
             hist = _candidate_histogram(resident, offs < count, phase, tie_key, lo, hi, shift, NB)
             for i0 in range(BLOCK, count, BLOCK_C):
                 packed = tl.load(cand_ptr + i0 + chunk, mask=i0 + chunk < count, other=0)
