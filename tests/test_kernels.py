@@ -155,6 +155,16 @@ def test_topk_kernel_matches_reference(kernels, rng, dtype, b, hq, hkv, n, d, k)
     _check_topk_close(got, ref, q, keys)
 
 
+def test_topk_on_strided_key_views(kernels, rng):
+    """Keys read in place from a fused K/V cache longer than the context (2d between keys)."""
+    b, hq, hkv, n, d, k = 2, 4, 2, 301, 32, 9
+    q = _randn(rng, b, hq, d)
+    keys = _randn(rng, b, hkv, n + 7, 2, d)[:, :, :n, 0]
+    lengths = torch.tensor([n, 150])
+    got = kernels.topk.topk(q, keys, k, lengths=lengths)
+    _check_topk_close(got, kernels.topk.topk_reference(q, keys, k, lengths=lengths), q, keys, lengths=lengths)
+
+
 @pytest.mark.parametrize("per_kv_head", [False, True])
 def test_topk_with_starts_and_lengths(kernels, rng, per_kv_head):
     """Left padding: valid keys [start, length) per sequence; rows of more than SAMPLE keys are sampled, one row is

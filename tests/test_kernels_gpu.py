@@ -83,6 +83,20 @@ def test_sort_kernel_matches_the_torch_sort_on_gpu(cuda_rng, k):
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
 
 
+@pytest.mark.parametrize("per_kv_head", [False, True])
+def test_topk_on_strided_key_views(cuda_rng, per_kv_head):
+    """Keys read in place from a fused K/V cache longer than the context (2d between keys, a longer row per KV head):
+    the score kernel's loads and its L2 prefetch stay inside each row's valid keys."""
+    b, hq, hkv, n, d, k = 2, 32, 8, 32771, 128, 512
+    q = _randn(cuda_rng, b, hq, d, dtype=torch.bfloat16)
+    keys = _randn(cuda_rng, b, hkv, n + 77, 2, d, dtype=torch.bfloat16)[:, :, :n, 0]
+    assert keys.stride(2) == 2 * d
+    lengths = torch.tensor([n, n // 2 + 3], device="cuda")
+    got = topk(q, keys, k, lengths=lengths, per_kv_head=per_kv_head)
+    ref = topk_reference(q, keys, k, lengths=lengths, per_kv_head=per_kv_head)
+    _check_topk_close(got, ref, q, keys, lengths=lengths, per_kv_head=per_kv_head)
+
+
 @pytest.mark.parametrize("k", [64, 2048])
 @pytest.mark.parametrize("per_kv_head", [False, True])
 def test_topk_and_attention_with_starts(cuda_rng, k, per_kv_head):

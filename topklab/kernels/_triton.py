@@ -141,6 +141,14 @@ if HAS_TRITON:
         pdl_release(PDL)
 
 
+    @triton.jit
+    def prefetch_l2(ptrs):
+        """Ask L2 for the 128-byte lines at ``ptrs`` without waiting for them: unlike a load, it holds no register,
+        so a program can warm the lines it will read while it waits for an earlier kernel (see ``pdl_wait``)."""
+        tl.inline_asm_elementwise("mov.u32 $0, 0;\n\tprefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+
 KERNEL_MODULES = ("topklab.kernels._triton", "topklab.kernels.fp8_index", "topklab.kernels.topk",
                   "topklab.kernels.sparse_attention", "topklab.kernels")
 

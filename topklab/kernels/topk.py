@@ -38,7 +38,7 @@ import torch
 
 from topklab.checks import check_k
 from topklab.kernels._triton import HAS_TRITON, cdiv, interpreting, launch, next_pow2, sm_count, tl, triton
-from topklab.kernels._triton import pdl_enter, pdl_release, pdl_wait, use_triton
+from topklab.kernels._triton import pdl_enter, pdl_release, pdl_wait, prefetch_l2, use_triton
 
 HIST_BINS = 128  # 7 radix bits a finalize pass
 # per row: candidate count, largest candidate key (both zero between calls), padded to a 128-byte line of its own:
@@ -59,6 +59,7 @@ SPLIT_FROM, SPLIT_ALWAYS_FROM = 4096, 32768
 WIDE_BINS = 2048
 CUT_CAP = 2048
 ROUTE_BLOCK = 1024  # candidates a histogram or route program reads per step
+PREFETCH_TILES = 2  # key tiles a score program asks L2 for before it waits for the thresholds (see _score_kernel)
 
 
 def topk(q: torch.Tensor, keys: torch.Tensor, k: int, *, lengths: torch.Tensor | None = None,
@@ -220,6 +221,8 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, bounds: tuple, sequences
     dot_fp32 = k3.dtype == torch.float32 or q3.dtype == torch.float32 or interpreting() or q3.dtype != k3.dtype
     tile = dict(D=d, BLOCK_D=max(16, next_pow2(d)), BLOCK_M=block_m, BLOCK_N=block_n, REDUCE_GROUP=per_kv_head,
                 DOT_FP32=dot_fp32, HAS_STARTS=bounds[0] is not None, HAS_ENDS=bounds[1] is not None)
+    line = 128 // k3.element_size()  # elements of a 128-byte line
+    prefetch = 0 if interpreting() else next_pow2(cdiv(PREFETCH_TILES * block_n * d, line))  # lines, no asm on CPU
 
     sample = _sample_size(n)
     samples = _scratch(device, "samples", (rows, sample), torch.float32)
@@ -251,7 +254,8 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, bounds: tuple, sequences
         launch(_score_kernel, (n_lead * m_blocks, cdiv(n, per_split)),
                (q3, k3, starts, ends, leads_per_seq, thresholds, candidates, workspace, n, m, k3.stride(0),
                 k3.stride(1), per_split, row_stride),
-               dict(**tile, WIDTH=WORKSPACE_WIDTH, EARLY=early), num_warps=8 if block_n == 128 else 4)
+               dict(**tile, WIDTH=WORKSPACE_WIDTH, EARLY=early, PREFETCH_LINES=prefetch, LINE=line),
+               num_warps=8 if block_n == 128 else 4)
         if split:
             parts = max(1, min(cdiv(int(expected), ROUTE_BLOCK), cdiv(4 * sm_count(device), rows)))
             row_args = (starts, ends, rows // sequences, thresholds, candidates, workspace, histograms, n, k,
@@ -511,14 +515,16 @@ if HAS_TRITON:
                       stride_kn, per_split, row_stride, D: tl.constexpr, BLOCK_D: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, REDUCE_GROUP: tl.constexpr,
                       DOT_FP32: tl.constexpr, HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr, WIDTH: tl.constexpr,
-                      EARLY: tl.constexpr, PDL: tl.constexpr):
+                      EARLY: tl.constexpr, PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr, PDL: tl.constexpr):
         """Stream a span of one KV row's keys once, score them against BLOCK_M query rows on the tensor cores, and
         append (key << 32 | index) of every valid key at or above its row's threshold to the row's candidates (an
         atomic per such key); then raise the row's largest candidate key. Nothing else is written.
 
         With EARLY (the threshold kernel then lets this one launch at once) the first two tiles are scored before
         waiting for the thresholds, overlapping the sample and threshold kernels: they read only the inputs, which
-        every kernel before the sample kernel has finished writing once this one runs (see ``pdl_enter``)."""
+        every kernel before the sample kernel has finished writing once this one runs (see ``pdl_enter``). Before
+        waiting, each program also asks L2 for the PREFETCH_LINES lines after those tiles (none under the
+        interpreter): K's stream starts while the thresholds are computed, without holding registers."""
         pid, split = tl.program_id(0), tl.program_id(1)
         m_blocks = tl.cdiv(M, BLOCK_M)
         lead, mb = pid // m_blocks, pid % m_blocks
@@ -535,6 +541,11 @@ if HAS_TRITON:
             valid_b = (n_b >= first) & (n_b < hi)
             s_a = _tile_scores(q, m_ok, key_base, n_a, valid_a, stride_kn, D, BLOCK_D, REDUCE_GROUP, DOT_FP32)
             s_b = _tile_scores(q, m_ok, key_base, n_b, valid_b, stride_kn, D, BLOCK_D, REDUCE_GROUP, DOT_FP32)
+        if PREFETCH_LINES > 0:
+            ahead = lo + 2 * BLOCK_N if EARLY else lo
+            lines = ahead.to(tl.int64) * stride_kn + tl.arange(0, PREFETCH_LINES).to(tl.int64) * LINE
+            last = (hi.to(tl.int64) - 1) * stride_kn + D - 1  # the span's last element
+            prefetch_l2(key_base + tl.maximum(tl.minimum(lines, last), 0))
         pdl_enter(PDL)
         threshold = tl.load(thr_ptr + rows, mask=rows_ok, other=2147483647)
         ws_rows = ws_ptr + rows * WIDTH
