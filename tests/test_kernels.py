@@ -274,6 +274,49 @@ def test_topk_split_finalize_is_exact(kernels, rng, monkeypatch, cut_cap, wide_b
     assert not bool(scratch["workspace"].any()) and not bool(scratch["histograms"].any())
 
 
+@pytest.mark.parametrize("sublists,per_kv_head", [(4, False), (3, True)])
+def test_topk_segmented_candidate_lists_are_exact(kernels, rng, monkeypatch, sublists, per_kv_head):
+    """Candidates appended to several segments per row (one per score program's split mod SUBLISTS, each with its
+    own counter), forced for every row: read back through the layout by the finalize (registers and chunks), the
+    rescan, and the histogram and route kernels of the finalize in parts. Left padding, a row shorter than k, exact
+    ties; every counter is left zeroed."""
+    topk_module = kernels.topk
+    monkeypatch.setattr(topk_module, "_sublists", lambda expected, n, rows, device: sublists)
+    topk_module.clear_scratch()
+    q, keys = _randn(rng, 3, 4, 16), _randn(rng, 3, 2, 4500, 16)
+    starts, lengths = torch.tensor([0, 100, 4400]), torch.tensor([4500, 3000, 4500])
+    for finalize_block, split in ((None, False), (64, False), (None, True)):
+        with monkeypatch.context() as patch:
+            if finalize_block:  # candidates past the register block, read in chunks
+                patch.setattr(topk_module, "_finalize_block", lambda expected: finalize_block)
+            patch.setattr(topk_module, "_split_finalize", lambda expected, rows, device: split)
+            got = topk_module.topk(q, keys, 150, lengths=lengths, starts=starts, per_kv_head=per_kv_head)
+        ref = topk_module.topk_reference(q, keys, 150, lengths=lengths, starts=starts, per_kv_head=per_kv_head)
+        _check_topk_close(got, ref, q, keys, lengths=lengths, per_kv_head=per_kv_head)
+    ties_q, ties = _small_ints(rng, 2, 4, 16), _small_ints(rng, 2, 2, 2048, 16)
+    ties[:, :, 1024:] = ties[:, :, :1024]
+    for k in (1, 300, 2048):
+        got = topk_module.topk(ties_q, ties, k, per_kv_head=per_kv_head)
+        ref = topk_module.topk_reference(ties_q, ties, k, per_kv_head=per_kv_head)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    with monkeypatch.context() as patch:  # a threshold far too high: the rescan overwrites the segments
+        patch.setattr(topk_module, "SAMPLE_SLACK", -1e6)
+        patch.setattr(topk_module, "SAMPLE", 256)
+        got = topk_module.topk(q, keys, 64, lengths=lengths, per_kv_head=per_kv_head)
+    ref = topk_module.topk_reference(q, keys, 64, lengths=lengths, per_kv_head=per_kv_head)
+    _check_topk_close(got, ref, q, keys, lengths=lengths, per_kv_head=per_kv_head)
+    scratch = topk_module._SCRATCH[topk_module._scratch_key(q.device)]
+    assert not bool(scratch["workspace"].any())
+
+
+def test_topk_segments_the_candidates_of_dense_rows_that_fit_one_wave():
+    from topklab.kernels.topk import SUBLISTS, _sublists
+
+    cpu = torch.device("cpu")  # 4 "SMs" (sm_count)
+    assert _sublists(8192 / 16, 8192, 4, cpu) == SUBLISTS <= 4  # the layout (_slots) holds at most 4 segments
+    assert _sublists(8192 / 16 - 1, 8192, 4, cpu) == 1 and _sublists(8192, 8192, 5, cpu) == 1
+
+
 def test_topk_splits_the_finalize_of_long_rows_that_leave_sms_idle():
     from topklab.kernels.topk import SPLIT_ALWAYS_FROM, SPLIT_FROM, _split_finalize
 

@@ -11,7 +11,9 @@ row):
    keys score >= t, and about 1.2-3k of them do. Fully sampled rows: at least k keys reach t, always.
 3. ``_score_kernel`` streams K once (many programs per KV head), scores the G query heads of the group on the
    tensor cores and appends only the keys scoring >= t to the row's candidates (an atomic per candidate, on a
-   counter with a cache line of its own). No score is written: the pass moves K's bytes and little else.
+   counter with a cache line of its own; where a sixteenth of the keys or more pass and the rows fit one wave, on
+   four counters, each filling its own segment of the row: see ``_sublists``, ``_slots``). No score is written:
+   the pass moves K's bytes and little else.
 4. ``_finalize_kernel`` (one program per row) finds the exact k-th largest candidate by narrowing radix histograms
    over [t, largest candidate] (7 bits a pass, the candidates held in registers; after the first pass usually over
    the few hundred left in the cut's bin alone, copied out; ties go to the lower index),
@@ -43,7 +45,11 @@ from topklab.kernels._triton import pdl_enter, pdl_release, pdl_wait, prefetch_l
 HIST_BINS = 128  # 7 radix bits a finalize pass
 # per row: candidate count, largest candidate key (both zero between calls), padded to a 128-byte line of its own:
 # the count takes an atomic per candidate, and counters sharing a line serialise each other (H100: up to 2x slower)
-WORKSPACE_WIDTH = 32
+LINE_INTS = 32
+# rows where many keys pass keep their candidates in SUBLISTS segments, each with its own counter on its own line:
+# every candidate is an atomic on its row's counter, and one counter per row serialises them (see _sublists)
+SUBLISTS = 4
+WORKSPACE_WIDTH = LINE_INTS * SUBLISTS
 SAMPLE = 4096  # keys sampled per row to place its candidate threshold (fewer for short rows: _sample_size)
 SHORT_SAMPLE = 1024
 SHORT_ROW = 32768  # rows of at most this many keys: one wave of score programs
@@ -225,11 +231,16 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, bounds: tuple, sequences
     prefetch = 0 if interpreting() else next_pow2(cdiv(PREFETCH_TILES * block_n * d, line))  # lines, no asm on CPU
 
     sample = _sample_size(n)
+    expected = _expected_candidates(n, k, sample)
+    sublists = _sublists(expected, n, rows, device)
+    # score program `split` appends to segment split % sublists of its row, long enough for all its programs' keys
+    segment = cdiv(cdiv(n, per_split), sublists) * per_split if sublists > 1 else row_stride
+    row_stride = max(row_stride, sublists * segment)
     samples = _scratch(device, "samples", (rows, sample), torch.float32)
     thresholds = _scratch(device, "thresholds", (rows,), torch.int32)
     candidates = _scratch(device, "candidates", (rows, row_stride), torch.int64)
     workspace = _scratch(device, "workspace", (rows, WORKSPACE_WIDTH), torch.int32, zeroed=True)
-    expected = _expected_candidates(n, k, sample)
+    lists = dict(SUBLISTS=sublists, COUNTER_STRIDE=LINE_INTS)
     split = _split_finalize(expected, rows, device)
     block_f = CUT_CAP if split else _finalize_block(expected)
     block_s = min(CUT_BLOCK, block_f // 4)
@@ -253,23 +264,23 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, bounds: tuple, sequences
                num_warps=THRESHOLD_WARPS)
         launch(_score_kernel, (n_lead * m_blocks, cdiv(n, per_split)),
                (q3, k3, starts, ends, leads_per_seq, thresholds, candidates, workspace, n, m, k3.stride(0),
-                k3.stride(1), per_split, row_stride),
-               dict(**tile, WIDTH=WORKSPACE_WIDTH, EARLY=early, PREFETCH_LINES=prefetch, LINE=line),
+                k3.stride(1), per_split, row_stride, segment),
+               dict(**tile, WIDTH=WORKSPACE_WIDTH, **lists, EARLY=early, PREFETCH_LINES=prefetch, LINE=line),
                num_warps=8 if block_n == 128 else 4)
         if split:
             parts = max(1, min(cdiv(int(expected), ROUTE_BLOCK), cdiv(4 * sm_count(device), rows)))
             row_args = (starts, ends, rows // sequences, thresholds, candidates, workspace, histograms, n, k,
-                        row_stride)
+                        row_stride, segment)
             bounds_flags = dict(HAS_STARTS=tile["HAS_STARTS"], HAS_ENDS=tile["HAS_ENDS"], WIDTH=WORKSPACE_WIDTH,
-                                NB=WIDE_BINS)
+                                **lists, NB=WIDE_BINS)
             launch(_histogram_kernel, (rows, parts), row_args, dict(**bounds_flags, BLOCK=ROUTE_BLOCK), num_warps=4)
             launch(_route_kernel, (rows, parts), (*row_args, out_scores, out_indices, cut_rows),
                    dict(**bounds_flags, CAP=CUT_CAP, BLOCK=ROUTE_BLOCK), num_warps=4)
         launch(_finalize_kernel, (rows,),
                (q3, k3, starts, ends, leads_per_seq, thresholds, candidates, workspace, cut_bins, histograms,
-                cut_rows, out_scores, out_indices, n, m, k, k3.stride(0), k3.stride(1), row_stride),
-               dict(**tile, NB=HIST_BINS, BLOCK_F=block_f, BLOCK_S=block_s, WIDTH=WORKSPACE_WIDTH, SPLIT=split,
-                    WIDE_NB=WIDE_BINS, CAP=CUT_CAP), num_warps=8)
+                cut_rows, out_scores, out_indices, n, m, k, k3.stride(0), k3.stride(1), row_stride, segment),
+               dict(**tile, NB=HIST_BINS, BLOCK_F=block_f, BLOCK_S=block_s, WIDTH=WORKSPACE_WIDTH, **lists,
+                    SPLIT=split, WIDE_NB=WIDE_BINS, CAP=CUT_CAP), num_warps=8)
     except BaseException:
         _SCRATCH.get(_scratch_key(device), {}).pop("workspace", None)  # a failed launch can leave it dirty
         raise
@@ -311,6 +322,17 @@ def _split_finalize(expected: float, rows: int, device: torch.device) -> bool:
     398.9), b1 128K k = 8192 156.4 -> 153.0 (140.9 -> 132.5), b16 512K k = 32768 7208 -> 6996; slower at b16 128K
     k = 8192 (512 rows of ~11K candidates), 1798 -> 1833, which keeps one program per row."""
     return expected > SPLIT_ALWAYS_FROM or (expected > SPLIT_FROM and rows <= sm_count(device))
+
+
+def _sublists(expected: float, n: int, rows: int, device: torch.device) -> int:
+    """Candidate segments per row (each with its own counter): SUBLISTS where at least 1/16 of a row's keys are
+    expected to pass while the rows fit one wave of programs, else 1. A row's candidates then queue on several
+    counters instead of one. H100, 2026-12-07, score kernel alone (PDL off), one counter -> four (interleaved
+    probe): b1 8K k = 2048 15.7 -> 9.6 us, 128K k = 8192 111.8 -> 97.1, 512K k = 32768 422.1 -> 379.0; slower at
+    b16 128K (512 rows: 1543 -> 1595 us at k = 2048), where the rows already spread the atomics. As committed
+    (segments), bench_kernels b1, same call: 8K k = 2048 35.8 -> 29.6 us, 128K k = 8192 151.5 -> 138.6, 512K
+    k = 32768 506.5 -> 443.8."""
+    return SUBLISTS if expected * 16 >= n and rows <= sm_count(device) else 1
 
 
 def _finalize_block(expected: float) -> int:
@@ -512,13 +534,15 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["N"])
     def _score_kernel(q_ptr, k_ptr, start_ptr, end_ptr, leads_per_seq, thr_ptr, cand_ptr, ws_ptr, N, M, stride_kl,
-                      stride_kn, per_split, row_stride, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                      stride_kn, per_split, row_stride, segment, D: tl.constexpr, BLOCK_D: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, REDUCE_GROUP: tl.constexpr,
                       DOT_FP32: tl.constexpr, HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr, WIDTH: tl.constexpr,
-                      EARLY: tl.constexpr, PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr, PDL: tl.constexpr):
+                      SUBLISTS: tl.constexpr, COUNTER_STRIDE: tl.constexpr, EARLY: tl.constexpr,
+                      PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr, PDL: tl.constexpr):
         """Stream a span of one KV row's keys once, score them against BLOCK_M query rows on the tensor cores, and
         append (key << 32 | index) of every valid key at or above its row's threshold to the row's candidates (an
-        atomic per such key); then raise the row's largest candidate key. Nothing else is written.
+        atomic per such key; with SUBLISTS > 1, to segment split % SUBLISTS of the row, on that segment's counter);
+        then raise the row's largest candidate key. Nothing else is written.
 
         With EARLY (the threshold kernel then lets this one launch at once) the first two tiles are scored before
         waiting for the thresholds, overlapping the sample and threshold kernels: they read only the inputs, which
@@ -549,43 +573,62 @@ if HAS_TRITON:
         pdl_enter(PDL)
         threshold = tl.load(thr_ptr + rows, mask=rows_ok, other=2147483647)
         ws_rows = ws_ptr + rows * WIDTH
-        base = rows.to(tl.int64) * row_stride
+        sub = split % SUBLISTS
+        counters = ws_rows + sub * COUNTER_STRIDE
+        base = rows.to(tl.int64) * row_stride + sub.to(tl.int64) * segment
         largest = tl.full(threshold.shape, -2147483648, tl.int32)
         if EARLY:
-            largest = _append_candidates(s_a, n_a, valid_a, rows_ok, threshold, ws_rows, cand_ptr, base, largest)
-            largest = _append_candidates(s_b, n_b, valid_b, rows_ok, threshold, ws_rows, cand_ptr, base, largest)
+            largest = _append_candidates(s_a, n_a, valid_a, rows_ok, threshold, counters, cand_ptr, base, largest)
+            largest = _append_candidates(s_b, n_b, valid_b, rows_ok, threshold, counters, cand_ptr, base, largest)
             lo += 2 * BLOCK_N
         for n0 in range(lo, hi, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             valid = (n >= first) & (n < hi)
             s = _tile_scores(q, m_ok, key_base, n, valid, stride_kn, D, BLOCK_D, REDUCE_GROUP, DOT_FP32)
-            largest = _append_candidates(s, n, valid, rows_ok, threshold, ws_rows, cand_ptr, base, largest)
+            largest = _append_candidates(s, n, valid, rows_ok, threshold, counters, cand_ptr, base, largest)
         # as an unsigned maximum, so that the zeroed workspace is its neutral value
         tl.atomic_max((ws_rows + 1).to(tl.pointer_type(tl.uint32), bitcast=True),
                       (largest ^ -2147483648).to(tl.uint32, bitcast=True), mask=rows_ok, sem="relaxed")
 
     @triton.jit
-    def _append_candidates(s, n, valid, rows_ok, threshold, ws_rows, cand_ptr, base, largest):
-        """Append (key << 32 | index) of the tile's keys at or above their row's threshold to the row's candidates:
-        a slot per passing key (a few per row and tile), no scan, no layout change of the dot's result. Returns each
-        row's largest candidate key so far."""
+    def _append_candidates(s, n, valid, rows_ok, threshold, counters, cand_ptr, base, largest):
+        """Append (key << 32 | index) of the tile's keys at or above their row's threshold to the row's candidates
+        from ``base`` on: a slot per passing key from the row's counter (a few per row and tile), no scan, no layout
+        change of the dot's result. Returns each row's largest candidate key so far."""
         key = _ordered_key(s)
         take = rows_ok[:, None] & valid[None, :] & (key >= threshold[:, None])
-        slot = tl.atomic_add(ws_rows[:, None] + tl.zeros_like(n)[None, :], 1, mask=take, sem="relaxed")
+        slot = tl.atomic_add(counters[:, None] + tl.zeros_like(n)[None, :], 1, mask=take, sem="relaxed")
         tl.store(cand_ptr + base[:, None] + slot, (key.to(tl.int64) << 32) | n[None, :], mask=take)
         return tl.maximum(largest, tl.max(tl.where(take, key, -2147483648), axis=1))
 
     @triton.jit
-    def _row_candidates(start_ptr, end_ptr, seq, thr_ptr, ws_row, row, N, k, HAS_STARTS: tl.constexpr,
-                        HAS_ENDS: tl.constexpr):
-        """A row after the score pass: its valid keys [first, end), k_eff, its candidate count, threshold key and
-        largest candidate key."""
+    def _row_candidates(start_ptr, end_ptr, seq, thr_ptr, ws_row, row, N, k, segment, HAS_STARTS: tl.constexpr,
+                        HAS_ENDS: tl.constexpr, SUBLISTS: tl.constexpr, COUNTER_STRIDE: tl.constexpr):
+        """A row after the score pass: its valid keys [first, end), k_eff, its candidate count, threshold key,
+        largest candidate key, and where its candidates lie (``layout``, see :func:`_slots`)."""
         first, end = _row_range(start_ptr, end_ptr, seq, N, HAS_STARTS, HAS_ENDS)
         k_eff = tl.minimum(k, end - first)
-        count = tl.load(ws_row)
+        c0 = tl.load(ws_row)
+        c1 = tl.load(ws_row + COUNTER_STRIDE) if SUBLISTS > 1 else 0
+        c2 = tl.load(ws_row + 2 * COUNTER_STRIDE) if SUBLISTS > 2 else 0
+        c3 = tl.load(ws_row + 3 * COUNTER_STRIDE) if SUBLISTS > 3 else 0
         lo = tl.load(thr_ptr + row).to(tl.int64)
         hi = (tl.load(ws_row + 1) ^ -2147483648).to(tl.int64)
-        return first, end, k_eff, count, lo, hi
+        return first, end, k_eff, c0 + c1 + c2 + c3, lo, hi, (c0, c0 + c1, c0 + c1 + c2, segment)
+
+    @triton.jit
+    def _slots(p, layout):
+        """Where a row's p-th candidate lies. Its candidates fill up to four segments of ``segment`` slots from the
+        start of each; ``layout`` = (e0, e1, e2, segment), e_s the candidates in segments 0..s. One list of count
+        candidates: e0 = e1 = e2 = count (p < count stays put)."""
+        e0, e1, e2, segment = layout
+        return (p + tl.where(p >= e0, segment - e0, 0) + tl.where(p >= e1, segment - (e1 - e0), 0)
+                + tl.where(p >= e2, segment - (e2 - e1), 0))
+
+    @triton.jit
+    def _one_list(count, segment):
+        """The layout of a row whose ``count`` candidates lie in one list."""
+        return count, count, count, segment
 
     @triton.jit
     def _bin_shift(lo, hi, NB: tl.constexpr):
@@ -610,45 +653,50 @@ if HAS_TRITON:
         return routed, whole, bin_lo, bin_hi, need, in_bin
 
     @triton.jit
-    def _row_share(start_ptr, end_ptr, rows_per_seq, thr_ptr, ws_ptr, N, k, HAS_STARTS: tl.constexpr,
-                   HAS_ENDS: tl.constexpr, WIDTH: tl.constexpr):
+    def _row_share(start_ptr, end_ptr, rows_per_seq, thr_ptr, ws_ptr, N, k, segment, HAS_STARTS: tl.constexpr,
+                   HAS_ENDS: tl.constexpr, WIDTH: tl.constexpr, SUBLISTS: tl.constexpr,
+                   COUNTER_STRIDE: tl.constexpr):
         """A histogram or route program's row, its share (part of parts), the row's workspace and candidates."""
         row, part, parts = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
         ws_row = ws_ptr + row * WIDTH
-        _, _, k_eff, count, lo, hi = _row_candidates(start_ptr, end_ptr, row // rows_per_seq, thr_ptr, ws_row, row,
-                                                     N, k, HAS_STARTS, HAS_ENDS)
-        return row, part, parts, ws_row, k_eff, count, lo, hi
+        _, _, k_eff, count, lo, hi, layout = _row_candidates(start_ptr, end_ptr, row // rows_per_seq, thr_ptr, ws_row,
+                                                             row, N, k, segment, HAS_STARTS, HAS_ENDS, SUBLISTS,
+                                                             COUNTER_STRIDE)
+        return row, part, parts, ws_row, k_eff, count, lo, hi, layout
 
     @triton.jit(do_not_specialize=["N", "k"])
     def _histogram_kernel(start_ptr, end_ptr, rows_per_seq, thr_ptr, cand_ptr, ws_ptr, hist_ptr, N, k, row_stride,
-                          HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr, WIDTH: tl.constexpr, NB: tl.constexpr,
+                          segment, HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr, WIDTH: tl.constexpr,
+                          SUBLISTS: tl.constexpr, COUNTER_STRIDE: tl.constexpr, NB: tl.constexpr,
                           BLOCK: tl.constexpr, PDL: tl.constexpr):
         """Count a share of one row's candidates in NB bins over [threshold, largest] into the row's histogram: an
         atomic per candidate (tl.histogram costs O(NB) a key: 74 us at b1 128K k = 8192 on the H100, 2026-12-07).
         Rows that need a rescan are left to the finalize."""
         pdl_enter(PDL)
-        row, part, parts, ws_row, k_eff, count, lo, hi = _row_share(start_ptr, end_ptr, rows_per_seq, thr_ptr, ws_ptr,
-                                                                    N, k, HAS_STARTS, HAS_ENDS, WIDTH)
+        row, part, parts, ws_row, k_eff, count, lo, hi, layout = _row_share(
+            start_ptr, end_ptr, rows_per_seq, thr_ptr, ws_ptr, N, k, segment, HAS_STARTS, HAS_ENDS, WIDTH, SUBLISTS,
+            COUNTER_STRIDE)
         if (count >= k_eff) & (k_eff > 0):
             shift = _bin_shift(lo, hi, NB)
             cand_row = cand_ptr + row.to(tl.int64) * row_stride
             offs = tl.arange(0, BLOCK)
             for i0 in range(part * BLOCK, count, parts * BLOCK):
                 ok = i0 + offs < count
-                packed = tl.load(cand_row + i0 + offs, mask=ok, other=0)
+                packed = tl.load(cand_row + _slots(i0 + offs, layout), mask=ok, other=0)
                 tl.atomic_add(hist_ptr + row * NB + (((packed >> 32) - lo) >> shift), 1, mask=ok, sem="relaxed")
 
     @triton.jit(do_not_specialize=["N", "k"])
     def _route_kernel(start_ptr, end_ptr, rows_per_seq, thr_ptr, cand_ptr, ws_ptr, hist_ptr, N, k, row_stride,
-                      out_s_ptr, out_i_ptr, cut_ptr, HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr,
-                      WIDTH: tl.constexpr, NB: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr,
-                      PDL: tl.constexpr):
+                      segment, out_s_ptr, out_i_ptr, cut_ptr, HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr,
+                      WIDTH: tl.constexpr, SUBLISTS: tl.constexpr, COUNTER_STRIDE: tl.constexpr, NB: tl.constexpr,
+                      CAP: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         """Split a share of one row's candidates by its histogram's cut: those above the cut's bin (or in it, when
         it is needed whole) are winners, written at once; the cut's bin is copied to the row's cut buffer (slots
         from two counters of the workspace). Rows the cut buffer cannot hold are left whole to the finalize."""
         pdl_enter(PDL)
-        row, part, parts, ws_row, k_eff, count, lo, hi = _row_share(start_ptr, end_ptr, rows_per_seq, thr_ptr, ws_ptr,
-                                                                    N, k, HAS_STARTS, HAS_ENDS, WIDTH)
+        row, part, parts, ws_row, k_eff, count, lo, hi, layout = _row_share(
+            start_ptr, end_ptr, rows_per_seq, thr_ptr, ws_ptr, N, k, segment, HAS_STARTS, HAS_ENDS, WIDTH, SUBLISTS,
+            COUNTER_STRIDE)
         if (count >= k_eff) & (k_eff > 0):
             routed, whole, bin_lo, bin_hi, need, in_bin = _wide_cut(hist_ptr + row * NB, lo, hi, k_eff, NB, CAP)
             if routed:
@@ -657,7 +705,7 @@ if HAS_TRITON:
                 offs = tl.arange(0, BLOCK)
                 for i0 in range(part * BLOCK, count, parts * BLOCK):
                     ok = i0 + offs < count
-                    packed = tl.load(cand_row + i0 + offs, mask=ok, other=0)
+                    packed = tl.load(cand_row + _slots(i0 + offs, layout), mask=ok, other=0)
                     key = packed >> 32
                     win = ok & tl.where(whole, key >= bin_lo, key > bin_hi)  # a select: see _in_range
                     slot, wins = _append_slots(win, tl.full((), 0, tl.int32))
@@ -672,11 +720,12 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["N", "k"])
     def _finalize_kernel(q_ptr, k_ptr, start_ptr, end_ptr, leads_per_seq, thr_ptr, cand_ptr, ws_ptr, cut_ptr,
                          hist_ptr, cut_rows_ptr, out_s_ptr, out_i_ptr, N, M, k, stride_kl, stride_kn, row_stride,
-                         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         REDUCE_GROUP: tl.constexpr, DOT_FP32: tl.constexpr, HAS_STARTS: tl.constexpr,
-                         HAS_ENDS: tl.constexpr, NB: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_S: tl.constexpr,
-                         WIDTH: tl.constexpr, SPLIT: tl.constexpr, WIDE_NB: tl.constexpr, CAP: tl.constexpr,
-                         PDL: tl.constexpr):
+                         segment, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, REDUCE_GROUP: tl.constexpr, DOT_FP32: tl.constexpr,
+                         HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr, NB: tl.constexpr, BLOCK_F: tl.constexpr,
+                         BLOCK_S: tl.constexpr, WIDTH: tl.constexpr, SUBLISTS: tl.constexpr,
+                         COUNTER_STRIDE: tl.constexpr, SPLIT: tl.constexpr, WIDE_NB: tl.constexpr,
+                         CAP: tl.constexpr, PDL: tl.constexpr):
         """One program per output row: its exact Top-k from its candidates (with SPLIT, of a routed row, from its
         cut's bin alone, after the winners the route kernel wrote), then its workspace (and histogram) zeroed
         again for the next call. If fewer than k keys passed the sampled threshold (a > 5-sigma miss, or
@@ -687,8 +736,10 @@ if HAS_TRITON:
         rows_per_kv = 1 if REDUCE_GROUP else M
         lead = row // rows_per_kv
         ws_row = ws_ptr + row * WIDTH
-        first, end, k_eff, count, lo, hi = _row_candidates(start_ptr, end_ptr, lead // leads_per_seq, thr_ptr, ws_row,
-                                                           row, N, k, HAS_STARTS, HAS_ENDS)
+        first, end, k_eff, count, lo, hi, layout = _row_candidates(start_ptr, end_ptr, lead // leads_per_seq, thr_ptr,
+                                                                   ws_row, row, N, k, segment, HAS_STARTS, HAS_ENDS,
+                                                                   SUBLISTS, COUNTER_STRIDE)
+        ends0, ends1, ends2, _ = layout  # reassigned below where the candidates become one list
         cand_row = cand_ptr + row.to(tl.int64) * row_stride
         out_s_row = out_s_ptr + row.to(tl.int64) * k
         out_i_row = out_i_ptr + row.to(tl.int64) * k
@@ -701,6 +752,7 @@ if HAS_TRITON:
                     written = k_eff - tl.where(whole, 0, need)
                     cand_row = cut_rows_ptr + row.to(tl.int64) * CAP
                     count = tl.where(whole, 0, in_bin).to(tl.int32)
+                    ends0, ends1, ends2 = count, count, count
                     lo, hi = bin_lo, bin_hi
                     k_eff = (k_eff - written).to(tl.int32)
                     k_row = k - written.to(tl.int32)
@@ -721,11 +773,14 @@ if HAS_TRITON:
                 tl.store(cand_row + n - first, (key.to(tl.int64) << 32) | n, mask=n < end)
             tl.debug_barrier()  # the rescanned candidates are read back below
             count = end - first
+            ends0, ends1, ends2 = count, count, count
             lo = tl.full((), -2147483648, tl.int64)
             hi = tl.full((), 2147483647, tl.int64)
-        _finalize_row(cand_row, count, lo, hi, k_eff, k_row, N, out_s_row, out_i_row,
+        _finalize_row(cand_row, (ends0, ends1, ends2, segment), count, lo, hi, k_eff, k_row, N, out_s_row, out_i_row,
                       cut_ptr + row.to(tl.int64) * BLOCK_S, NB, BLOCK_F, BLOCK_F // 4, BLOCK_S)
         tl.store(ws_row + tl.arange(0, 4), tl.zeros((4,), tl.int32))
+        segments = tl.arange(0, 4)  # the segments' counters (at most 4: see _slots)
+        tl.store(ws_row + COUNTER_STRIDE * segments, tl.zeros((4,), tl.int32), mask=segments < SUBLISTS)
 
     @triton.jit
     def _sort_key(packed, phase):
@@ -772,10 +827,10 @@ if HAS_TRITON:
         return written
 
     @triton.jit
-    def _narrow(cand_ptr, resident, count, lo, hi, need, phase, tie_key, cut_key, cut_index, done, in_bin, N,
+    def _narrow(cand_ptr, layout, resident, count, lo, hi, need, phase, tie_key, cut_key, cut_index, done, in_bin, N,
                 max_passes, NB: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
         """Up to ``max_passes`` radix passes over ``count`` candidates (the first BLOCK ``resident`` in registers,
-        the rest read from ``cand_ptr`` in chunks of BLOCK_C): each histograms the range [lo, hi] and keeps the bin
+        the rest read from ``cand_ptr`` as ``layout`` places them, in chunks of BLOCK_C): each histograms the range [lo, hi] and keeps the bin
         holding the need-th largest, until that bin is needed whole (``done``; winners: key > cut_key, or key ==
         cut_key and index <= cut_index). ``in_bin``: the candidates left in [lo, hi]."""
         offs = tl.arange(0, BLOCK)
@@ -785,7 +840,7 @@ if HAS_TRITON:
             shift = _bin_shift(lo, hi, NB)
             hist = _candidate_histogram(resident, offs < count, phase, tie_key, lo, hi, shift, NB)
             for i0 in range(BLOCK, count, BLOCK_C):
-                packed = tl.load(cand_ptr + i0 + chunk, mask=i0 + chunk < count, other=0)
+                packed = tl.load(cand_ptr + _slots(i0 + chunk, layout), mask=i0 + chunk < count, other=0)
                 hist += _candidate_histogram(packed, i0 + chunk < count, phase, tie_key, lo, hi, shift, NB)
             b, need, in_bin = _pick_bin(hist, need, NB)
             new_lo = lo + (b << shift)
@@ -802,9 +857,10 @@ if HAS_TRITON:
         return lo, hi, need, phase, tie_key, cut_key, cut_index, done, in_bin
 
     @triton.jit
-    def _finalize_row(cand_ptr, count, lo, hi, k_eff, k, N, out_s_ptr, out_i_ptr, cut_ptr, NB: tl.constexpr,
+    def _finalize_row(cand_ptr, layout, count, lo, hi, k_eff, k, N, out_s_ptr, out_i_ptr, cut_ptr, NB: tl.constexpr,
                       BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-        """Exact Top-k of a row's ``count`` candidates, whose keys lie in [lo, hi], then the winners written (and
+        """Exact Top-k of a row's ``count`` candidates (placed by ``layout``, see :func:`_slots`), whose keys lie in
+        [lo, hi], then the winners written (and
         -inf / -1 past k_eff). The first BLOCK_F candidates (usually all) stay in registers, the rest are read in
         chunks of BLOCK_C. One radix pass over all of them; then, if at most BLOCK_S candidates are left in the
         cut's bin (the usual case), those are copied to ``cut_ptr`` and the passes go on over them alone (a pass
@@ -812,34 +868,34 @@ if HAS_TRITON:
         time)."""
         offs = tl.arange(0, BLOCK_F)
         chunk = tl.arange(0, BLOCK_C)
-        resident = tl.load(cand_ptr + offs, mask=offs < count, other=0)
+        resident = tl.load(cand_ptr + _slots(offs, layout), mask=offs < count, other=0)
         need = k_eff.to(tl.int64)
         phase = tl.full((), 0, tl.int32)
         tie_key = tl.full((), 0, tl.int64)
         cut_key = lo - 1
         cut_index = tl.full((), -1, tl.int64)
-        state = _narrow(cand_ptr, resident, count, lo, hi, need, phase, tie_key, cut_key, cut_index, need <= 0,
-                        count, N, 1, NB, BLOCK_F, BLOCK_C)
+        state = _narrow(cand_ptr, layout, resident, count, lo, hi, need, phase, tie_key, cut_key, cut_index,
+                        need <= 0, count, N, 1, NB, BLOCK_F, BLOCK_C)
         lo, hi, need, phase, tie_key, cut_key, cut_index, done, in_bin = state
         if (~done) & (in_bin <= BLOCK_S):
             copied = _copy_in_range(resident, offs < count, phase, tie_key, lo, hi, tl.full((), 0, tl.int32),
                                     cut_ptr)
             for i0 in range(BLOCK_F, count, BLOCK_C):
-                packed = tl.load(cand_ptr + i0 + chunk, mask=i0 + chunk < count, other=0)
+                packed = tl.load(cand_ptr + _slots(i0 + chunk, layout), mask=i0 + chunk < count, other=0)
                 copied = _copy_in_range(packed, i0 + chunk < count, phase, tie_key, lo, hi, copied, cut_ptr)
             tl.debug_barrier()  # the copies are read back by other threads
             small = tl.load(cut_ptr + tl.arange(0, BLOCK_S), mask=tl.arange(0, BLOCK_S) < in_bin, other=0)
-            state = _narrow(cut_ptr, small, in_bin, lo, hi, need, phase, tie_key, cut_key, cut_index, done, in_bin,
-                            N, 80, NB, BLOCK_S, BLOCK_S)
+            state = _narrow(cut_ptr, _one_list(in_bin, 0), small, in_bin, lo, hi, need, phase, tie_key, cut_key,
+                            cut_index, done, in_bin, N, 80, NB, BLOCK_S, BLOCK_S)
         else:
-            state = _narrow(cand_ptr, resident, count, lo, hi, need, phase, tie_key, cut_key, cut_index, done,
-                            in_bin, N, 80, NB, BLOCK_F, BLOCK_C)
+            state = _narrow(cand_ptr, layout, resident, count, lo, hi, need, phase, tie_key, cut_key, cut_index,
+                            done, in_bin, N, 80, NB, BLOCK_F, BLOCK_C)
         cut_key, cut_index = state[5], state[6]
         to_write = tl.where(k_eff > 0, count, 0)
         written = _write_winners(resident, offs < to_write, cut_key, cut_index, tl.full((), 0, tl.int32), out_s_ptr,
                                  out_i_ptr)
         for i0 in range(BLOCK_F, to_write, BLOCK_C):
-            packed = tl.load(cand_ptr + i0 + chunk, mask=i0 + chunk < count, other=0)
+            packed = tl.load(cand_ptr + _slots(i0 + chunk, layout), mask=i0 + chunk < count, other=0)
             written = _write_winners(packed, i0 + chunk < count, cut_key, cut_index, written, out_s_ptr, out_i_ptr)
         for j0 in range(k_eff, k, BLOCK_F):
             pad = j0 + offs < k
