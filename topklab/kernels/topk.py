@@ -830,9 +830,9 @@ if HAS_TRITON:
     def _narrow(cand_ptr, layout, resident, count, lo, hi, need, phase, tie_key, cut_key, cut_index, done, in_bin, N,
                 max_passes, NB: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
         """Up to ``max_passes`` radix passes over ``count`` candidates (the first BLOCK ``resident`` in registers,
-        the rest read from ``cand_ptr`` as ``layout`` places them, in chunks of BLOCK_C): each histograms the range [lo, hi] and keeps the bin
-        holding the need-th largest, until that bin is needed whole (``done``; winners: key > cut_key, or key ==
-        cut_key and index <= cut_index). ``in_bin``: the candidates left in [lo, hi]."""
+        the rest read from ``cand_ptr`` as ``layout`` places them, in chunks of BLOCK_C): each histograms the range
+        [lo, hi] and keeps the bin holding the need-th largest, until that bin is needed whole (``done``; winners:
+        key > cut_key, or key == cut_key and index <= cut_index). ``in_bin``: the candidates left in [lo, hi]."""
         offs = tl.arange(0, BLOCK)
         chunk = tl.arange(0, BLOCK_C)
         passes = 0
@@ -860,12 +860,11 @@ if HAS_TRITON:
     def _finalize_row(cand_ptr, layout, count, lo, hi, k_eff, k, N, out_s_ptr, out_i_ptr, cut_ptr, NB: tl.constexpr,
                       BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
         """Exact Top-k of a row's ``count`` candidates (placed by ``layout``, see :func:`_slots`), whose keys lie in
-        [lo, hi], then the winners written (and
-        -inf / -1 past k_eff). The first BLOCK_F candidates (usually all) stay in registers, the rest are read in
-        chunks of BLOCK_C. One radix pass over all of them; then, if at most BLOCK_S candidates are left in the
-        cut's bin (the usual case), those are copied to ``cut_ptr`` and the passes go on over them alone (a pass
-        over every candidate costs ~2 us at 4096 of them on the H100: the slowest row's passes set the kernel's
-        time)."""
+        [lo, hi], then the winners written (and -inf / -1 past k_eff). The first BLOCK_F candidates (usually all)
+        stay in registers, the rest are read in chunks of BLOCK_C. One radix pass over all of them; then, if at
+        most BLOCK_S candidates are left in the cut's bin (the usual case), those are copied to ``cut_ptr`` and the
+        passes go on over them alone (a pass over every candidate costs ~2 us at 4096 of them on the H100: the
+        slowest row's passes set the kernel's time)."""
         offs = tl.arange(0, BLOCK_F)
         chunk = tl.arange(0, BLOCK_C)
         resident = tl.load(cand_ptr + _slots(offs, layout), mask=offs < count, other=0)
