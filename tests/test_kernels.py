@@ -246,6 +246,16 @@ def test_topk_finalize_paths_are_exact(kernels, rng, monkeypatch, cut_block, fin
             assert bool(cut_bins.any()) == (cut_block > 1), "the cut's bin was (not) copied out"
 
 
+def _check_exact_on_duplicated_keys(topk_module, rng, per_kv_head):
+    """Small-integer keys, each twice: many exact ties, broken to the lower index exactly as the reference does."""
+    q, keys = _small_ints(rng, 2, 4, 16), _small_ints(rng, 2, 2, 2048, 16)
+    keys[:, :, 1024:] = keys[:, :, :1024]
+    for k in (1, 300, 2048):
+        got = topk_module.topk(q, keys, k, per_kv_head=per_kv_head)
+        ref = topk_module.topk_reference(q, keys, k, per_kv_head=per_kv_head)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
 @pytest.mark.parametrize("cut_cap,wide_bins", [(2048, 2048), (64, 4)])
 @pytest.mark.parametrize("per_kv_head", [False, True])
 def test_topk_split_finalize_is_exact(kernels, rng, monkeypatch, cut_cap, wide_bins, per_kv_head):
@@ -265,12 +275,7 @@ def test_topk_split_finalize_is_exact(kernels, rng, monkeypatch, cut_cap, wide_b
     _check_topk_close(got, ref, q, keys, lengths=lengths, per_kv_head=per_kv_head)
     scratch = kernels.topk._SCRATCH[kernels.topk._scratch_key(q.device)]
     assert bool(scratch["cut_rows"].any()) == (cut_cap > 64), "the cut's bin was (not) routed to the cut buffer"
-    q, keys = _small_ints(rng, 2, 4, 16), _small_ints(rng, 2, 2, 2048, 16)
-    keys[:, :, 1024:] = keys[:, :, :1024]  # many exact ties
-    for k in (1, 300, 2048):
-        got = kernels.topk.topk(q, keys, k, per_kv_head=per_kv_head)
-        ref = kernels.topk.topk_reference(q, keys, k, per_kv_head=per_kv_head)
-        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    _check_exact_on_duplicated_keys(kernels.topk, rng, per_kv_head)
     assert not bool(scratch["workspace"].any()) and not bool(scratch["histograms"].any())
 
 
@@ -293,12 +298,7 @@ def test_topk_segmented_candidate_lists_are_exact(kernels, rng, monkeypatch, sub
             got = topk_module.topk(q, keys, 150, lengths=lengths, starts=starts, per_kv_head=per_kv_head)
         ref = topk_module.topk_reference(q, keys, 150, lengths=lengths, starts=starts, per_kv_head=per_kv_head)
         _check_topk_close(got, ref, q, keys, lengths=lengths, per_kv_head=per_kv_head)
-    ties_q, ties = _small_ints(rng, 2, 4, 16), _small_ints(rng, 2, 2, 2048, 16)
-    ties[:, :, 1024:] = ties[:, :, :1024]
-    for k in (1, 300, 2048):
-        got = topk_module.topk(ties_q, ties, k, per_kv_head=per_kv_head)
-        ref = topk_module.topk_reference(ties_q, ties, k, per_kv_head=per_kv_head)
-        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    _check_exact_on_duplicated_keys(topk_module, rng, per_kv_head)
     with monkeypatch.context() as patch:  # a threshold far too high: the rescan overwrites the segments
         patch.setattr(topk_module, "SAMPLE_SLACK", -1e6)
         patch.setattr(topk_module, "SAMPLE", 256)
