@@ -8,7 +8,8 @@
 # repo root on the GPU machine:
 #   VARIANTS="_variants/base _variants/new" DECODE="_variants/base _variants/new" bash benchmarks/ab_variants.sh
 # Logs and tables under $OUT (or /tmp/ab_variants); ab_table.md: graph us per case, a column per variant
-# (benchmarks/ab_table.py). Each variant's topklab comes first on PYTHONPATH.
+# (benchmarks/ab_table.py). Each variant's topklab comes first on PYTHONPATH. PROFILE_ARGS go to profile_kernels.py
+# (e.g. "--batches 1").
 export PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/ab_variants}
 mkdir -p "$out"
@@ -20,7 +21,7 @@ done
 for v in $VARIANTS; do
   echo "=== profile $v $(date +%T)"
   PYTHONPATH=$v:.:tests:benchmarks timeout 100 python3 benchmarks/profile_kernels.py \
-    --out "$out/profile_$(basename "$v").md" 2>&1 | grep "^| [a-z]"
+    --out "$out/profile_$(basename "$v").md" $PROFILE_ARGS 2>&1 | grep "^| [a-z]"
 done
 for v in $DECODE; do
   echo "=== decoding $v $(date +%T)"

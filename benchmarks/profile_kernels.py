@@ -104,13 +104,17 @@ def host_time(fn, args, calls: int = 30) -> tuple[float, float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out")
+    parser.add_argument("--batches", default="1,16", help="the cases of these batch sizes (comma-separated)")
     args = parser.parse_args()
+    batches = {int(b) for b in args.batches.split(",")}
     torch.manual_seed(0)
     lines = [f"Card: {torch.cuda.get_device_name()}", "",
              "| case | batch | N | k | GPU us per kernel (profiler) | graph us/call | host us/call | launches us | "
              "launches |", "|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for what, batch, n, k in CASES:
+        if batch not in batches:
+            continue
         sets, fn = make_sets(what, batch, n, k)
         kernels = gpu_kernel_times(fn, sets[0])
         graph = graph_time(fn, sets)
