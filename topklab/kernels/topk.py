@@ -57,6 +57,7 @@ SHORT_ROW = 32768  # rows of at most this many keys: one wave of score programs
 SAMPLE_SIGMAS, SAMPLE_SLACK = 5.0, 5.0
 THRESHOLD_WARPS = 4  # the bisection over one row's samples (1 and 4 warps measured within 3% on the H100)
 MAX_GROUP_BLOCK = 64  # query rows scored together against one key tile
+FINALIZE_BLOCK_CAP = 4096  # the most candidates the finalize holds in registers (see _finalize_block)
 CUT_BLOCK = 512  # the finalize's passes after the first run over the cut's bin alone when it holds at most this many
 # rows of many candidates are finalized in parts (_histogram_kernel, _route_kernel; see _split_finalize): one
 # 2048-bin histogram by many programs per row, winners above the cut's bin written by as many, the finalize left
@@ -336,11 +337,14 @@ def _sublists(expected: float, n: int, rows: int, device: torch.device) -> int:
 
 
 def _finalize_block(expected: float) -> int:
-    """Candidates the finalize keeps in registers: the expected count rounded up to a power of two, 256..4096 (the
-    rest are read from L2 in chunks each pass). A block of 8192 spills with 8 or 16 warps (compiled for sm_90:
-    255 registers and 120 stack bytes, or 128 and 160; `benchmarks/kernel_resources.py`); 4096 does not. H100,
-    2026-12-06, b1 128K k = 8192: finalize 79.5 -> 72.0 us, graph 170.5 -> 164.8 us; k <= 2048 unchanged."""
-    return min(4096, max(256, next_pow2(int(expected))))
+    """Candidates the finalize keeps in registers: the expected count rounded up to a power of two, 256 ..
+    FINALIZE_BLOCK_CAP (the rest are read from L2 in chunks each pass). A block of 8192 spills with 8 or 16 warps
+    (compiled for sm_90: 255 registers and 120 stack bytes, or 128 and 160; `benchmarks/kernel_resources.py`); 4096
+    does not. H100, 2026-12-06, b1 128K k = 8192: finalize 79.5 -> 72.0 us, graph 170.5 -> 164.8 us; k <= 2048
+    unchanged. Every step over the block is unrolled over a thread's share of it, so the block also sets the code's
+    size, and Nsight Compute found the finalize waiting on instruction fetch for half its time (H100, 2026-12-07: 6,664
+    instructions at 4096, 2,688 at 1024; see benchmarks/RESULTS.md): smaller caps are the next thing to time."""
+    return min(FINALIZE_BLOCK_CAP, max(256, next_pow2(int(expected))))
 
 
 _SCRATCH: collections.OrderedDict[tuple, dict[str, torch.Tensor]] = collections.OrderedDict()
