@@ -7,7 +7,7 @@
 # driver runs as a file, not `python3 -c`, which puts the working directory ahead of PYTHONPATH (a variant's
 # topklab): PYTHONPATH=_variants/NAME profiles that variant. ncu flushes the caches before each kernel it profiles,
 # so a kernel that reads what the previous one left in L2 runs slower there than in a decode step.
-export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}.:tests:benchmarks
+export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}.
 out=${OUT:-/tmp/ncu_topk}
 kernels=${KERNELS:-_finalize_kernel|_threshold_kernel|_sample_kernel|_score_kernel}
 mkdir -p "$out"
@@ -25,7 +25,7 @@ for _ in range(8):
     topk(q, keys, $k, sorted=False)
 torch.cuda.synchronize()
 PY
-  ncu --clock-control none --set full --import-source yes -k "regex:$kernels" --launch-skip-before-match 0 \
+  ncu --clock-control none --set full --import-source yes -k "regex:$kernels" \
     --launch-skip 4 --launch-count 4 -f -o "$out/$name" \
     python3 "$out/driver_$name.py" > "$out/${name}_run.log" 2>&1 || { tail -n 20 "$out/${name}_run.log"; continue; }
   ncu -i "$out/$name.ncu-rep" --page details > "$out/${name}_details.txt" 2>&1
