@@ -281,7 +281,7 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, bounds: tuple, sequences
                (q3, k3, starts, ends, leads_per_seq, thresholds, candidates, workspace, cut_bins, histograms,
                 cut_rows, out_scores, out_indices, n, m, k, k3.stride(0), k3.stride(1), row_stride, segment),
                dict(**tile, NB=HIST_BINS, BLOCK_F=block_f, BLOCK_S=block_s, WIDTH=WORKSPACE_WIDTH, **lists,
-                    SPLIT=split, WIDE_NB=WIDE_BINS, CAP=CUT_CAP), num_warps=8)
+                    SPLIT=split, WIDE_NB=WIDE_BINS, CAP=CUT_CAP), num_warps=_finalize_warps(n, rows, device))
     except BaseException:
         _SCRATCH.get(_scratch_key(device), {}).pop("workspace", None)  # a failed launch can leave it dirty
         raise
@@ -343,8 +343,21 @@ def _finalize_block(expected: float) -> int:
     does not. H100, 2026-12-06, b1 128K k = 8192: finalize 79.5 -> 72.0 us, graph 170.5 -> 164.8 us; k <= 2048
     unchanged. Every step over the block is unrolled over a thread's share of it, so the block also sets the code's
     size, and Nsight Compute found the finalize waiting on instruction fetch for half its time (H100, 2026-12-07: 6,664
-    instructions at 4096, 2,688 at 1024; see benchmarks/RESULTS.md): smaller caps are the next thing to time."""
+    instructions at 4096, 2,688 at 1024; see benchmarks/RESULTS.md). Smaller caps cut the code but read the rest from
+    L2 three times, and lose: bench_kernels b1 per query head, 4096 -> 2048 -> 1024 (H100, 2026-12-07): 128K k = 2048
+    121 -> 124-126 -> 133-135 us, 8K k = 2048 29.4-29.7 -> 29.3-29.5 -> 37.7 us."""
     return min(FINALIZE_BLOCK_CAP, max(256, next_pow2(int(expected))))
+
+
+def _finalize_warps(n: int, rows: int, device: torch.device) -> int:
+    """16 warps for the finalize of long rows (N > SHORT_ROW) whose programs fit one wave, else 8. Half the code per
+    thread (4,608 instructions instead of 6,664 at 128K k = 2048, the finalize waits on instruction fetch). Graph us,
+    8 -> 16 warps, 2026-12-07, H100 / H200: b1 128K k = 2048 per KV head 122.5-123.0 -> 115.9-116.2 / 98.3-98.7 ->
+    95.1-95.5, per query head within 1 us; select + attend per KV head 135.4-136.8 -> 127.5-128.5 / 110.2-112.9 ->
+    104.3-104.9; 512K neutral. Slower at 8K (+1-2 us at every k; presumably as the early-launched finalize's
+    programs, 16 warps of 128 registers, fill an SM's register file beside the one wave of score programs) and at
+    b16 per query head (512 rows: +10-15 us of 1,130-1,360); 32 warps spill and were slower everywhere."""
+    return 16 if n > SHORT_ROW and rows <= sm_count(device) else 8
 
 
 _SCRATCH: collections.OrderedDict[tuple, dict[str, torch.Tensor]] = collections.OrderedDict()
