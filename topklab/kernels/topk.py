@@ -356,7 +356,8 @@ def _finalize_warps(n: int, rows: int, device: torch.device) -> int:
     95.1-95.5, per query head within 1 us; select + attend per KV head 135.4-136.8 -> 127.5-128.5 / 110.2-112.9 ->
     104.3-104.9; 512K neutral. Slower at 8K (+1-2 us at every k; presumably as the early-launched finalize's
     programs, 16 warps of 128 registers, fill an SM's register file beside the one wave of score programs) and at
-    b16 per query head (512 rows: +10-15 us of 1,130-1,360); 32 warps spill and were slower everywhere."""
+    b16 per query head (512 rows: +10-19 us of 1,130-1,380 at k = 64 and 8192); 32 warps spill and were slower
+    everywhere."""
     return 16 if n > SHORT_ROW and rows <= sm_count(device) else 8
 
 
