@@ -281,7 +281,7 @@ def _select(q3: torch.Tensor, k3: torch.Tensor, k: int, bounds: tuple, sequences
                (q3, k3, starts, ends, leads_per_seq, thresholds, candidates, workspace, cut_bins, histograms,
                 cut_rows, out_scores, out_indices, n, m, k, k3.stride(0), k3.stride(1), row_stride, segment),
                dict(**tile, NB=HIST_BINS, BLOCK_F=block_f, BLOCK_S=block_s, WIDTH=WORKSPACE_WIDTH, **lists,
-                    SPLIT=split, WIDE_NB=WIDE_BINS, CAP=CUT_CAP), num_warps=_finalize_warps(n, rows, device))
+                    SPLIT=split, WIDE_NB=WIDE_BINS, CAP=CUT_CAP), num_warps=_finalize_warps(n, rows, block_f, device))
     except BaseException:
         _SCRATCH.get(_scratch_key(device), {}).pop("workspace", None)  # a failed launch can leave it dirty
         raise
@@ -349,16 +349,16 @@ def _finalize_block(expected: float) -> int:
     return min(FINALIZE_BLOCK_CAP, max(256, next_pow2(int(expected))))
 
 
-def _finalize_warps(n: int, rows: int, device: torch.device) -> int:
-    """16 warps for the finalize of long rows (N > SHORT_ROW) whose programs fit one wave, else 8. Half the code per
-    thread (4,608 instructions instead of 6,664 at 128K k = 2048, the finalize waits on instruction fetch). Graph us,
-    8 -> 16 warps, 2026-12-07, H100 / H200: b1 128K k = 2048 per KV head 122.5-123.0 -> 115.9-116.2 / 98.3-98.7 ->
-    95.1-95.5, per query head within 1 us; select + attend per KV head 135.4-136.8 -> 127.5-128.5 / 110.2-112.9 ->
-    104.3-104.9; 512K neutral. Slower at 8K (+1-2 us at every k; presumably as the early-launched finalize's
-    programs, 16 warps of 128 registers, fill an SM's register file beside the one wave of score programs) and at
-    b16 per query head (512 rows: +10-19 us of 1,130-1,380 at k = 64 and 8192); 32 warps spill and were slower
-    everywhere."""
-    return 16 if n > SHORT_ROW and rows <= sm_count(device) else 8
+def _finalize_warps(n: int, rows: int, block: int, device: torch.device) -> int:
+    """16 warps for the finalize of long rows (N > SHORT_ROW) with the largest register block (FINALIZE_BLOCK_CAP)
+    whose programs fit one wave, else 8: half the code per thread (4,608 instructions instead of 6,664 at 128K
+    k = 2048), where the finalize waits on instruction fetch. Graph us, 8 -> 16 warps (2026-12-07, H100 / H200): b1
+    128K k = 2048 per KV head 122.2-124.0 -> 115.9-117.7 / 98.3-98.7 -> 95.1-95.5, per query head within 1 us;
+    select + attend per KV head 133.8-136.8 -> 127.2-128.5 / 110.2-112.9 -> 104.3-104.9. Elsewhere 16 warps lost
+    or tied: +1-2 us at 128K k = 64 (a block of 512) and 8K (presumably as the early-launched finalize's programs,
+    16 warps of 128 registers, fill an SM's register file beside the one wave of score programs), +1 us in parts
+    (128K k = 8192), +10-19 us at b16 per query head (512 rows), 512K tied; 32 warps spill and lost everywhere."""
+    return 16 if block >= FINALIZE_BLOCK_CAP and n > SHORT_ROW and rows <= sm_count(device) else 8
 
 
 _SCRATCH: collections.OrderedDict[tuple, dict[str, torch.Tensor]] = collections.OrderedDict()
