@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # A/B of kernel variants in one device call: profile_kernels.py per variant, graph decoding at 128K per variant,
-# then the GPU tests on the working tree (AB_TESTS=0 skips them). A variant is a directory holding a copy of the
+# bench_kernels.py per entry of BENCH (repeat names to interleave, e.g. BENCH="_variants/a _variants/b _variants/b
+# _variants/a"; BENCH_ARGS, default "--batches 1 --lengths 8192,131072 --no-fp8"), then the GPU tests on the working
+# tree (AB_TESTS=0 skips them). A variant is a directory holding a copy of the
 # package, DIR/topklab (e.g. `git archive BRANCH topklab tests | tar -x -C _variants/NAME`); keep it untracked and
 # not ignored, so that the device call copies it. VARIANT_TESTS="PYTEST ARGS" runs each variant's own
 # tests/test_kernels_gpu.py (where it has one) with them, e.g. VARIANT_TESTS='-k "topk_matches or sort_kernel"'
@@ -15,7 +17,7 @@ out=${OUT:-/tmp/ab_variants}
 mkdir -p "$out"
 exec > >(tee "$out/ab.log") 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-for v in $VARIANTS; do
+for v in $VARIANTS $BENCH; do
   test -d "$v/topklab" || { echo "no $v/topklab: a variant is a directory holding a copy of the package"; exit 2; }
 done
 for v in $VARIANTS; do
@@ -30,6 +32,15 @@ for v in $DECODE; do
     --json "$out/decoding_$(basename "$v").json" 2>&1 | tail -n 4
 done
 [ -n "$VARIANTS" ] && PYTHONPATH=benchmarks:. python3 benchmarks/ab_table.py "$out/ab.log" --out "$out/ab_table.md"
+bench_args=${BENCH_ARGS:---batches 1 --lengths 8192,131072 --no-fp8}
+run=0
+for v in $BENCH; do  # after ab_table.py, which reads the profile sections of the log
+  run=$((run + 1))
+  echo "=== bench $v (run $run) $(date +%T)"
+  PYTHONPATH=$v:.:benchmarks timeout 300 python3 benchmarks/bench_kernels.py \
+    $bench_args --out "$out/bench_$(basename "$(realpath "$v")").$run.md" \
+    2>&1 | grep -E "^(\| [0-9]+ \||Card)" | awk '!seen[$0]++'
+done
 if [ -n "${VARIANT_TESTS:-}" ]; then
   for v in $VARIANTS; do
     [ -f "$v/tests/test_kernels_gpu.py" ] || continue
