@@ -726,13 +726,18 @@ if HAS_TRITON:
                     packed = tl.load(cand_row + _slots(i0 + offs, layout), mask=ok, other=0)
                     key = packed >> 32
                     win = ok & tl.where(whole, key >= bin_lo, key > bin_hi)  # a select: see _in_range
-                    slot, wins = _append_slots(win, tl.full((), 0, tl.int32))
-                    slot += tl.atomic_add(ws_row + 2, wins, sem="relaxed")
+                    cut = ok & (key >= bin_lo) & ~win
+                    # both compactions in one prefix sum (the cut's in the high half) and one 64-bit atomic on the
+                    # two adjacent counters (winners written, cut copied)
+                    flags = tl.where(win, 1, 0) + tl.where(cut, 65536, 0)
+                    ends = tl.cumsum(flags, axis=0)
+                    total = tl.sum(flags, axis=0).to(tl.int64)
+                    before = tl.atomic_add((ws_row + 2).to(tl.pointer_type(tl.int64)),
+                                           (total & 0xFFFF) | ((total >> 16) << 32), sem="relaxed")
+                    slot = (before & 0xFFFFFFFF) + (ends & 0xFFFF) - 1
                     tl.store(out_s_ptr + out_row + slot, _key_to_float(key.to(tl.int32)), mask=win)
                     tl.store(out_i_ptr + out_row + slot, packed & 0xFFFFFFFF, mask=win)
-                    cut = ok & (key >= bin_lo) & ~win
-                    slot, cuts = _append_slots(cut, tl.full((), 0, tl.int32))
-                    slot += tl.atomic_add(ws_row + 3, cuts, sem="relaxed")
+                    slot = (before >> 32) + (ends >> 16) - 1
                     tl.store(cut_ptr + row.to(tl.int64) * CAP + slot, packed, mask=cut)
 
     @triton.jit(do_not_specialize=["N", "k"])
@@ -827,12 +832,22 @@ if HAS_TRITON:
         return written + tl.cumsum(ones, axis=0) - 1, written + tl.sum(ones, axis=0)
 
     @triton.jit
-    def _copy_in_range(packed, ok, phase, tie_key, lo, hi, copied, out_ptr):
-        """Append the candidates lying in [lo, hi] to ``out_ptr`` after ``copied`` earlier ones; the new count."""
+    def _write_above_copy_bin(packed, ok, phase, tie_key, lo, hi, written, copied, out_s_ptr, out_i_ptr, cut_ptr):
+        """After the first pass: the candidates above the cut's bin [lo, hi] are winners whatever the later passes
+        find, so they are written now (after ``written`` earlier ones), and those in the bin are appended to
+        ``cut_ptr`` (after ``copied``): one sweep and one prefix sum for both (the bin's count in the high half).
+        Returns the new counts."""
+        key = packed >> 32
+        above = ok & (key > tl.where(phase == 0, hi, tie_key))
         inside = _in_range(packed, ok, phase, tie_key, lo, hi)
-        slot, copied = _append_slots(inside, copied)
-        tl.store(out_ptr + slot, packed, mask=inside)
-        return copied
+        flags = tl.where(above, 1, 0) + tl.where(inside, 65536, 0)
+        ends = tl.cumsum(flags, axis=0)
+        slot = written + (ends & 0xFFFF) - 1
+        tl.store(out_s_ptr + slot, _key_to_float(key.to(tl.int32)), mask=above)
+        tl.store(out_i_ptr + slot, packed & 0xFFFFFFFF, mask=above)
+        tl.store(cut_ptr + copied + (ends >> 16) - 1, packed, mask=inside)
+        total = tl.sum(flags, axis=0)
+        return written + (total & 0xFFFF), copied + (total >> 16)
 
     @triton.jit
     def _write_winners(packed, ok, cut_key, cut_index, written, out_s_ptr, out_i_ptr):
@@ -880,9 +895,10 @@ if HAS_TRITON:
         """Exact Top-k of a row's ``count`` candidates (placed by ``layout``, see :func:`_slots`), whose keys lie in
         [lo, hi], then the winners written (and -inf / -1 past k_eff). The first BLOCK_F candidates (usually all)
         stay in registers, the rest are read in chunks of BLOCK_C. One radix pass over all of them; then, if at
-        most BLOCK_S candidates are left in the cut's bin (the usual case), those are copied to ``cut_ptr`` and the
-        passes go on over them alone (a pass over every candidate costs ~2 us at 4096 of them on the H100: the
-        slowest row's passes set the kernel's time)."""
+        most BLOCK_S candidates are left in the cut's bin (the usual case), one more sweep writes those above the
+        bin and copies the bin to ``cut_ptr``, and the passes go on over the copy alone, whose winners are written
+        last (a pass over every candidate costs ~2 us at 4096 of them on the H100: the slowest row's passes set the
+        kernel's time)."""
         offs = tl.arange(0, BLOCK_F)
         chunk = tl.arange(0, BLOCK_C)
         resident = tl.load(cand_ptr + _slots(offs, layout), mask=offs < count, other=0)
@@ -895,25 +911,34 @@ if HAS_TRITON:
                         need <= 0, count, N, 1, NB, BLOCK_F, BLOCK_C)
         lo, hi, need, phase, tie_key, cut_key, cut_index, done, in_bin = state
         if (~done) & (in_bin <= BLOCK_S):
-            copied = _copy_in_range(resident, offs < count, phase, tie_key, lo, hi, tl.full((), 0, tl.int32),
-                                    cut_ptr)
+            # winners above the bin written and the bin copied out in one sweep; the passes go on over the copy,
+            # whose winners are written last
+            zero = tl.full((), 0, tl.int32)
+            written, copied = _write_above_copy_bin(resident, offs < count, phase, tie_key, lo, hi, zero, zero,
+                                                    out_s_ptr, out_i_ptr, cut_ptr)
             for i0 in range(BLOCK_F, count, BLOCK_C):
                 packed = tl.load(cand_ptr + _slots(i0 + chunk, layout), mask=i0 + chunk < count, other=0)
-                copied = _copy_in_range(packed, i0 + chunk < count, phase, tie_key, lo, hi, copied, cut_ptr)
+                written, copied = _write_above_copy_bin(packed, i0 + chunk < count, phase, tie_key, lo, hi, written,
+                                                        copied, out_s_ptr, out_i_ptr, cut_ptr)
             tl.debug_barrier()  # the copies are read back by other threads
-            small = tl.load(cut_ptr + tl.arange(0, BLOCK_S), mask=tl.arange(0, BLOCK_S) < in_bin, other=0)
+            in_small = tl.arange(0, BLOCK_S) < in_bin
+            # addressed through _slots, as the candidates are, so that Triton keeps one layout for the bin's loads,
+            # passes and stores (a plain arange added 5 layout conversions on 8 warps)
+            small = tl.load(cut_ptr + _slots(tl.arange(0, BLOCK_S), _one_list(in_bin, 0)), mask=in_small, other=0)
             state = _narrow(cut_ptr, _one_list(in_bin, 0), small, in_bin, lo, hi, need, phase, tie_key, cut_key,
                             cut_index, done, in_bin, N, 80, NB, BLOCK_S, BLOCK_S)
+            written = _write_winners(small, in_small, state[5], state[6], written, out_s_ptr, out_i_ptr)
         else:
             state = _narrow(cand_ptr, layout, resident, count, lo, hi, need, phase, tie_key, cut_key, cut_index,
                             done, in_bin, N, 80, NB, BLOCK_F, BLOCK_C)
-        cut_key, cut_index = state[5], state[6]
-        to_write = tl.where(k_eff > 0, count, 0)
-        written = _write_winners(resident, offs < to_write, cut_key, cut_index, tl.full((), 0, tl.int32), out_s_ptr,
-                                 out_i_ptr)
-        for i0 in range(BLOCK_F, to_write, BLOCK_C):
-            packed = tl.load(cand_ptr + _slots(i0 + chunk, layout), mask=i0 + chunk < count, other=0)
-            written = _write_winners(packed, i0 + chunk < count, cut_key, cut_index, written, out_s_ptr, out_i_ptr)
+            cut_key, cut_index = state[5], state[6]
+            to_write = tl.where(k_eff > 0, count, 0)
+            written = _write_winners(resident, offs < to_write, cut_key, cut_index, tl.full((), 0, tl.int32),
+                                     out_s_ptr, out_i_ptr)
+            for i0 in range(BLOCK_F, to_write, BLOCK_C):
+                packed = tl.load(cand_ptr + _slots(i0 + chunk, layout), mask=i0 + chunk < count, other=0)
+                written = _write_winners(packed, i0 + chunk < count, cut_key, cut_index, written, out_s_ptr,
+                                         out_i_ptr)
         for j0 in range(k_eff, k, BLOCK_F):
             pad = j0 + offs < k
             tl.store(out_s_ptr + j0 + offs, float("-inf"), mask=pad)
