@@ -14,8 +14,10 @@ enough copies of the inputs to exceed the L2 cache. Eager times (Python launch i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import math
+import os
 import statistics
 
 import torch
@@ -172,12 +174,38 @@ def fp8_floors(batch: int, m: int, n: int, bw: float, peak: float, heads: int = 
     return moved / bw, 2 * batch * m * heads * n * D / peak
 
 
+@contextlib.contextmanager
+def fp8_kernel(gluon: bool):
+    """Within: fp8_index_scores takes the Gluon kernel where it fits (``gluon``), else the Triton kernel."""
+    saved = os.environ.get("TOPKLAB_FP8_GLUON")
+    os.environ["TOPKLAB_FP8_GLUON"] = "1" if gluon else "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["TOPKLAB_FP8_GLUON"]
+        else:
+            os.environ["TOPKLAB_FP8_GLUON"] = saved
+
+
 def bench_fp8(bw: float, peak: float, rows: list[str]) -> None:
+    """Ours (the Gluon kernel on Hopper), and the Triton kernel it replaces there, on the same inputs: each timed
+    twice, interleaved, the faster kept (both in the log)."""
     for batch, m, n in ((16, 1, 32768), (16, 1, 131072), (16, 4, 131072), (64, 1, 65536)):
         memory, compute = fp8_floors(batch, m, n, bw, peak)
-        ours = graph_time(fp8_index_scores, [fp8_inputs(batch, m, n)])
-        rows.append(f"| {batch} | {m} | {FP8_HEADS} | {n // 1024}K | {memory * 1e6:.1f} | {compute * 1e6:.1f} | "
-                    f"{ours * 1e6:.1f} | {ours / max(memory, compute):.2f} |")
+        floor = max(memory, compute)
+        sets = [fp8_inputs(batch, m, n)]
+        row = f"| {batch} | {m} | {FP8_HEADS} | {n // 1024}K | {memory * 1e6:.1f} | {compute * 1e6:.1f} |"
+        times = {True: [], False: []}
+        for gluon in (True, False, False, True):  # interleaved: whichever runs first is not favoured
+            with fp8_kernel(gluon):
+                times[gluon].append(graph_time(fp8_index_scores, sets))
+        print(f"FP8 b{batch} M={m} N={n}: Gluon " + " / ".join(f"{t * 1e6:.1f}" for t in times[True])
+              + " us, Triton " + " / ".join(f"{t * 1e6:.1f}" for t in times[False]) + " us", flush=True)
+        for gluon in (True, False):
+            seconds = min(times[gluon])
+            row += f" {seconds * 1e6:.1f} | {seconds / floor:.2f} |"
+        rows.append(row)
         print(rows[-1], flush=True)
 
 
@@ -188,6 +216,7 @@ def main() -> None:
     parser.add_argument("--batches", help="comma-separated batch sizes (overrides --quick)")
     parser.add_argument("--lengths", help="comma-separated N (overrides --quick)")
     parser.add_argument("--no-fp8", action="store_true", help="skip FP8 index scoring")
+    parser.add_argument("--fp8-only", action="store_true", help="FP8 index scoring only (no Top-k, no attention)")
     args = parser.parse_args()
     torch.manual_seed(0)
     bw, peak = copy_bandwidth(), fp8_peak()
@@ -201,20 +230,22 @@ def main() -> None:
         batches = tuple(int(b) for b in args.batches.split(","))
     if args.lengths:
         lengths_n = tuple(int(n) for n in args.lengths.split(","))
-    topk_rows = ["| batch | N | k | K-read floor us | ours us | ours/floor | ours per KV head us | /floor | "
-                 "ours sorted us | ours eager us | q.K^T+torch.topk us | torch/ours |",
-                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    print("\n".join(header + topk_rows), flush=True)
-    bench_topk(bw, batches, lengths_n, topk_rows)
-    attn_rows = ["| batch | N | k | K+V floor us | dense SDPA us | select+attend (per q head) us | /SDPA | "
-                 "select+attend (per KV head) us | /SDPA |", "|---|---|---|---|---|---|---|---|---|"]
-    print("\n".join(attn_rows), flush=True)
-    bench_attention(bw, batches, lengths_n, 2048, attn_rows)
-    sections = ["Exact Top-k (one decode step, 32 q heads / 8 KV heads, d=128, bf16):", ""] + topk_rows
-    sections += ["", "Select + attend, k = 2048:", ""] + attn_rows
+    sections = []
+    if not args.fp8_only:
+        topk_rows = ["| batch | N | k | K-read floor us | ours us | ours/floor | ours per KV head us | /floor | "
+                     "ours sorted us | ours eager us | q.K^T+torch.topk us | torch/ours |",
+                     "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        print("\n".join(header + topk_rows), flush=True)
+        bench_topk(bw, batches, lengths_n, topk_rows)
+        attn_rows = ["| batch | N | k | K+V floor us | dense SDPA us | select+attend (per q head) us | /SDPA | "
+                     "select+attend (per KV head) us | /SDPA |", "|---|---|---|---|---|---|---|---|---|"]
+        print("\n".join(attn_rows), flush=True)
+        bench_attention(bw, batches, lengths_n, 2048, attn_rows)
+        sections += ["Exact Top-k (one decode step, 32 q heads / 8 KV heads, d=128, bf16):", ""] + topk_rows
+        sections += ["", "Select + attend, k = 2048:", ""] + attn_rows
     if not args.no_fp8:
-        fp8_rows = ["| batch | M | index heads | N | memory floor us | FP8 compute floor us | ours us | ours/floor |",
-                    "|---|---|---|---|---|---|---|---|"]
+        fp8_rows = ["| batch | M | index heads | N | memory floor us | FP8 compute floor us | ours us | ours/floor | "
+                    "Triton kernel us | /floor |", "|---|---|---|---|---|---|---|---|---|---|"]
         print("\n".join(fp8_rows), flush=True)
         bench_fp8(bw, peak, fp8_rows)
         sections += ["", "FP8 index scoring, d = 128:", ""] + fp8_rows

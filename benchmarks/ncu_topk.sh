@@ -2,7 +2,8 @@
 # Nsight Compute on the Top-k kernels (or the FP8 index kernel) of chosen cases: where time and stalls go.
 # Run from the repo root on the GPU machine (Firecracker: ncu reads counters there; clocks left alone):
 #   CASES="1,131072,2048 1,8192,2048" KERNELS="_finalize_kernel|_threshold_kernel" bash benchmarks/ncu_topk.sh
-#   OP=fp8 CASES="16,4,131072" bash benchmarks/ncu_topk.sh      (FP8 index scoring: cases batch,M,N, 64 heads)
+#   OP=fp8 CASES="16,4,131072" bash benchmarks/ncu_topk.sh      (FP8 index scoring: cases batch,M,N, 64 heads;
+#   the Gluon kernel on Hopper, TOPKLAB_FP8_GLUON=0 for the Triton one)
 # Per case (batch,N,k; with OP=fp8 batch,M,N): a report under $OUT (or /tmp/ncu_topk), its details page and its raw
 # metrics (CSV: the warp stall samples by reason among them). Four launches of the chosen kernels are profiled after
 # the first four. The driver runs as a file, not `python3 -c`, which puts the working directory ahead of PYTHONPATH
@@ -14,7 +15,7 @@ op=${OP:-topk}
 case $op in
   topk) kernels=${KERNELS:-_finalize_kernel|_threshold_kernel|_sample_kernel|_score_kernel}
         cases=${CASES:-1,131072,2048} ;;
-  fp8) kernels=${KERNELS:-_fp8_index_kernel}
+  fp8) kernels=${KERNELS:-_fp8_index_kernel|_fp8_index_gluon_kernel}
        cases=${CASES:-16,4,131072} ;;
   *) echo "OP must be topk or fp8, got $op"; exit 2 ;;
 esac

@@ -1,10 +1,12 @@
-"""Sweep the FP8 index-scoring kernel's launch configurations in one run, each timed against the same floor.
+"""Sweep the Triton FP8 index-scoring kernel's launch configurations in one run, each timed against the same floor.
 
 For each case (batch, queries M, N; 64 index heads, d = 128) and each configuration (how many index-head columns go
 into one FP8 product, BLOCK_N, warps, pipeline stages, programs per SM), the kernel replaces
 ``fp8_index._tile_config`` for the run: time per call (CUDA graph), ratio to the floor (the larger of the bytes moved
 at the copy bandwidth and the FLOPs at the FP8 matmul rate, both measured in this run), and the largest error
-against the torch reference. The shipped configuration is the row marked ``*``.
+against the torch reference. The shipped configuration is the row marked ``*``. The run holds
+``TOPKLAB_FP8_GLUON=0``: on Hopper ``fp8_index_scores`` would take the Gluon kernel (its own table, checked by
+``compile_fp8_gluon.py``).
 
     PYTHONPATH=.:benchmarks python3 benchmarks/sweep_fp8.py --out /tmp/sweep_fp8.md
 """
@@ -15,7 +17,7 @@ import argparse
 import datetime
 
 import torch
-from bench_kernels import copy_bandwidth, fp8_floors, fp8_inputs, fp8_peak, graph_time, write_lines
+from bench_kernels import copy_bandwidth, fp8_floors, fp8_inputs, fp8_kernel, fp8_peak, graph_time, write_lines
 
 from topklab.kernels import fp8_index
 from topklab.kernels.fp8_index import fp8_index_scores, fp8_index_scores_reference
@@ -36,10 +38,11 @@ def run_config(config, args) -> tuple[float, float]:
         fp8_index.MAX_PRODUCT_COLUMNS = columns
         fp8_index._tile_config = lambda _columns, _products: (block_n, warps, stages, per_sm)
     try:
-        out = fp8_index_scores(*args)
-        ref = fp8_index_scores_reference(*(a[:1] for a in args))
-        error = ((out[:1] - ref).abs().max() / ref.abs().max()).item()
-        return graph_time(fp8_index_scores, [args]), error
+        with fp8_kernel(gluon=False):
+            out = fp8_index_scores(*args)
+            ref = fp8_index_scores_reference(*(a[:1] for a in args))
+            error = ((out[:1] - ref).abs().max() / ref.abs().max()).item()
+            return graph_time(fp8_index_scores, [args]), error
     finally:
         fp8_index._tile_config, fp8_index.MAX_PRODUCT_COLUMNS = shipped
 
