@@ -74,9 +74,9 @@ def fp8_index_scores_gluon(q_fp8, q_scale, k_fp8, k_scale, weights) -> torch.Ten
     B, M, H, d = q_fp8.shape
     N = k_fp8.shape[1]
     q_fp8, q_scale, weights = q_fp8.contiguous(), q_scale.contiguous(), weights.float().contiguous()
-    # TMA reads the keys as [B * N] rows of 128 bytes, and the scales as one run in which each sequence's starts
-    # 16-byte aligned (a box whose start is not crashes the kernel: illegal instruction), so padded to a multiple
-    # of 4 where N is not
+    # TMA reads the keys as [B * N] rows of 128 bytes and the scales as one run of B rows, each of which must start
+    # 16-byte aligned (an unaligned box start stops the kernel with an illegal instruction): rows padded to a
+    # multiple of 4 scales where N is not
     keys = _aligned(k_fp8.reshape(B * N, d))
     scale_stride = cdiv(N, 4) * 4
     if scale_stride != N:
