@@ -142,6 +142,8 @@ def test_training_hook_options_are_checked():
         TopkTrainingAttention(k=4, per="token")
     with pytest.raises(ValueError, match="sinks"):
         TopkTrainingAttention(k=4, sinks=-1)
+    with pytest.raises(ValueError, match="window"):  # the training config's options, checked alike
+        TrainConfig(topk={"k": 4, "window": 2.5})
     with pytest.raises(ValueError, match="layer"), topk_training_attention(model, k=4, dense_layers=[7]):
         pass
     with pytest.raises(ValueError, match="dropout"):

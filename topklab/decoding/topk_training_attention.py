@@ -29,25 +29,35 @@ from topklab.decoding.topk_attention import PER_CHOICES, check_k, masked_topk_at
 
 
 @dataclass
-class TopkTrainingAttention:
-    """The attention function transformers calls while training with Top-k (options as in `TopkAttention`)."""
+class TopkSpec:
+    """Top-k attention options for training (as in `TopkAttention`): the training config's ``topk`` and the base of
+    the hook below."""
 
     k: int | float
     per: str = "head"
     sinks: int = 0
     window: int = 0
     dense_layers: Sequence[int] = ()
-    dense_prefix: int = 0
 
     def __post_init__(self):
         check_k(self.k)
         if self.per not in PER_CHOICES:
             raise ValueError(f"per must be one of {', '.join(PER_CHOICES)}, got {self.per!r}")
-        for name in ("sinks", "window", "dense_prefix"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        for name in ("sinks", "window"):
+            _check_count(name, getattr(self, name))
         self.dense_layers = tuple(int(i) for i in self.dense_layers)
+
+
+@dataclass
+class TopkTrainingAttention(TopkSpec):
+    """The attention function transformers calls while training with Top-k; ``dense_prefix`` query positions dense
+    (see the module docstring)."""
+
+    dense_prefix: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_count("dense_prefix", self.dense_prefix)
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         if module.layer_idx in self.dense_layers:
@@ -65,6 +75,11 @@ class TopkTrainingAttention:
         dense = masked_topk_attention(query[:, :, :first], key, value, valid[:, :first], k=1.0, **options)
         sparse = masked_topk_attention(query[:, :, first:], key, value, valid[:, first:], k=self.k, **options)
         return torch.cat([dense, sparse], dim=1), None
+
+
+def _check_count(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
 
 
 def visible_keys(attention_mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int, device) -> torch.Tensor:
@@ -98,4 +113,4 @@ def topk_training_attention(model: torch.nn.Module, k: int | float, *, per: str 
         yield hook
 
 
-__all__ = ["TopkTrainingAttention", "topk_training_attention", "visible_keys"]
+__all__ = ["TopkSpec", "TopkTrainingAttention", "topk_training_attention", "visible_keys"]

@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from topklab.decoding.topk_attention import PER_CHOICES, check_k
-from topklab.decoding.topk_training_attention import topk_training_attention
+from topklab.decoding.topk_training_attention import TopkSpec, topk_training_attention
 from topklab.io import write_table, write_text
 from topklab.tasks import PromptCodec, make_with_filler
 
@@ -45,23 +45,6 @@ log = logging.getLogger(__name__)
 LOSS_ON = ("answer", "all")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 EVAL_SEED = 0  # the seed `topklab eval` draws its samples with: never trained on
-
-
-@dataclass
-class TopkSpec:
-    """Top-k attention during training (options as in `topklab.decoding.topk_attention`)."""
-
-    k: int | float
-    per: str = "head"
-    sinks: int = 0
-    window: int = 0
-    dense_layers: tuple[int, ...] = ()
-
-    def __post_init__(self):
-        check_k(self.k)
-        if self.per not in PER_CHOICES:
-            raise ValueError(f"topk.per must be one of {', '.join(PER_CHOICES)}, got {self.per!r}")
-        self.dense_layers = tuple(self.dense_layers)
 
 
 @dataclass
@@ -228,8 +211,7 @@ def train(model: torch.nn.Module, batches: Iterator[dict[str, torch.Tensor]], co
                                    {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95))
     autocast = (torch.autocast("cuda", dtype=DTYPES[config.dtype])
                 if device.type == "cuda" and config.dtype != "float32" else contextlib.nullcontext())
-    attention = (topk_training_attention(model, config.topk.k, per=config.topk.per, sinks=config.topk.sinks,
-                                         window=config.topk.window, dense_layers=config.topk.dense_layers)
+    attention = (topk_training_attention(model, **dataclasses.asdict(config.topk))
                  if config.topk is not None else contextlib.nullcontext())
     rows = []
     start = time.perf_counter()
