@@ -125,10 +125,10 @@ def fp8_index_scores(q_fp8, q_scale, k_fp8, k_scale, weights) -> torch.Tensor:
         return fp8_index_scores_reference(q_fp8, q_scale, k_fp8, k_scale, weights)
     if gluon_enabled() and q_fp8.device.type == "cuda":
         # imported here: the Gluon module builds on this one
-        from topklab.kernels.fp8_index_gluon import fp8_index_scores_gluon, gluon_supports
+        from topklab.kernels.fp8_index_gluon import gluon_supports, launch_gluon
 
         if gluon_supports(q_fp8, k_fp8):
-            return fp8_index_scores_gluon(q_fp8, q_scale, k_fp8, k_scale, weights)
+            return launch_gluon(q_fp8, q_scale, k_fp8, k_scale, weights)
     q_fp8, k_fp8 = q_fp8.contiguous(), k_fp8.contiguous()
     q_scale, k_scale, weights = q_scale.contiguous(), k_scale.contiguous(), weights.float().contiguous()
     B, M, H, d = q_fp8.shape

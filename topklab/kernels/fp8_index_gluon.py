@@ -71,6 +71,12 @@ def fp8_index_scores_gluon(q_fp8, q_scale, k_fp8, k_scale, weights) -> torch.Ten
     if not gluon_supports(q_fp8, k_fp8):
         raise ValueError("fp8_index_scores_gluon needs Triton with Gluon, a Hopper (sm_90) CUDA device, d = 128 "
                          f"and at most {MAX_GLUON_HEADS} heads; got q_fp8 {tuple(q_fp8.shape)} on {q_fp8.device}")
+    return launch_gluon(q_fp8, q_scale, k_fp8, k_scale, weights)
+
+
+def launch_gluon(q_fp8, q_scale, k_fp8, k_scale, weights) -> torch.Tensor:
+    """The kernel on inputs already checked (by ``_check_index_inputs``, fp32 scales) and supported (see
+    :func:`gluon_supports`): ``fp8_index_scores`` dispatches here without checking twice."""
     B, M, H, d = q_fp8.shape
     N = k_fp8.shape[1]
     q_fp8, q_scale, weights = q_fp8.contiguous(), q_scale.contiguous(), weights.float().contiguous()
