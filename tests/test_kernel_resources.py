@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 def test_kernel_resources_records_the_cuda_launches_and_compiles_them_for_sm90(tmp_path):
     """benchmarks/kernel_resources.py records the launches the CUDA path would make (on CPU tensors: 132 SMs,
     bf16 products, not the interpreter's choices) and compiles them for the H100 without a GPU (registers, spills,
-    shared memory per launch)."""
+    SASS instructions, shared memory per launch)."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_resources.py"
     spec = importlib.util.spec_from_file_location("kernel_resources", path)
     tool = importlib.util.module_from_spec(spec)
@@ -43,9 +43,9 @@ def test_kernel_resources_records_the_cuda_launches_and_compiles_them_for_sm90(t
                                                     "_finalize_kernel"]
     converts = []
     for cells in rows:
-        registers, spill, shared = int(cells[5]), int(cells[6]), float(cells[7])
-        converts.append(int(cells[8]))
-        assert 0 < registers <= 255 and spill >= 0 and shared >= 0 and converts[-1] >= 0
+        registers, spill, instructions, shared = int(cells[5]), int(cells[6]), int(cells[7]), float(cells[8])
+        converts.append(int(cells[9]))
+        assert 0 < registers <= 255 and spill >= 0 and instructions > 0 and shared >= 0 and converts[-1] >= 0
     assert sum(converts) > 0, "the TTGIR's layout conversions are counted (the score kernel moves its scores from " \
         "the dot's layout to its atomic's)"
     assert rows[2][2].strip() == "8x32", "the score kernel's grid at 8K: 8 KV rows x 32 spans of 256 keys (one wave)"
