@@ -16,8 +16,6 @@ import argparse
 import contextlib
 import os
 import re
-import subprocess
-import tempfile
 
 import torch
 import triton
@@ -26,7 +24,7 @@ from triton.backends.compiler import BaseBackend
 from triton.experimental.gluon._runtime import GluonASTSource
 
 import topklab.kernels.fp8_index_gluon as fp8_gluon
-from kernel_resources import SM90, SMS, programs_per_sm, resource_usage
+from kernel_resources import SM90, SMS, cuobjdump, programs_per_sm, resource_usage
 
 CASES = ((16, 1, 131072), (16, 4, 131072))  # (batch, M, N) as in bench_kernels.bench_fp8
 HEADS, D = 64, 128
@@ -87,14 +85,6 @@ def loop_waits(sass: str) -> tuple[list[str], list[str]]:
     return waits, products
 
 
-def sass_of(compiled) -> str:
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as cubin:
-        cubin.write(compiled.asm["cubin"])
-        cubin.flush()
-        return subprocess.run([tool, "-sass", cubin.name], capture_output=True, text=True, check=True).stdout
-
-
 def launch_of(batch: int, m: int, heads: int, n: int):
     """The launcher's (grid, args, kwargs) for these shapes, on empty CPU tensors."""
     q = torch.empty(batch, m, heads, D, dtype=torch.float8_e4m3fn)
@@ -128,7 +118,7 @@ def main() -> None:
         compiled = compile_gluon(fp8_gluon._fp8_index_gluon_kernel, args, dict(kwargs))
         usage = resource_usage(compiled)
         per_sm, limiter = programs_per_sm(usage, kwargs["num_warps"])
-        sass = sass_of(compiled)
+        sass = cuobjdump(compiled, "-sass")
         waits, products = loop_waits(sass)
         programs = grid[0] * grid[1] * grid[2]
         print(f"\nb{batch} M={m} N={n} H={HEADS}: grid {'x'.join(map(str, grid))} ({programs} programs), "

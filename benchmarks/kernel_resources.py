@@ -92,21 +92,24 @@ def compile_launch(record: dict):
                                                              num_stages=record["num_stages"]))
 
 
+def cuobjdump(compiled, flag: str) -> str:
+    """What ``cuobjdump flag`` (from Triton's own toolchain) prints for the compiled kernel's cubin."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        return subprocess.run([tool, flag, cubin.name], capture_output=True, text=True, check=True).stdout
+
+
 def resource_usage(compiled) -> dict[str, int]:
     """Registers per thread and spill stack bytes (cuobjdump), SASS instructions (code that runs once through
     waits on instruction fetch: the finalize did for half its time on the H100), shared memory bytes (Triton's
     metadata), and the layout conversions in the TTGIR: each moves a tensor through shared memory between barriers,
     so one added inside a streaming loop costs time that registers do not show (the sure-winners branch: 2 -> 5 a
     tile, 30% slower)."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as cubin:
-        cubin.write(compiled.asm["cubin"])
-        cubin.flush()
-        dump = subprocess.run([tool, "--dump-resource-usage", cubin.name], capture_output=True, text=True,
-                              check=True).stdout
-        sass = subprocess.run([tool, "-sass", cubin.name], capture_output=True, text=True, check=True).stdout
+    dump = cuobjdump(compiled, "--dump-resource-usage")
     usage = {key.lower(): int(value) for key, value in re.findall(r"(REG|STACK):(\d+)", dump)}
-    usage["instructions"] = len(re.findall(r"/\*[0-9a-f]{4,}\*/", sass))
+    usage["instructions"] = len(re.findall(r"/\*[0-9a-f]{4,}\*/", cuobjdump(compiled, "-sass")))
     usage["shared"] = compiled.metadata.shared
     usage["converts"] = compiled.asm["ttgir"].count("ttg.convert_layout")
     return usage
@@ -164,7 +167,8 @@ def main() -> None:
     rows = [f"Triton {triton.__version__}, compiled for sm_90 (H100: {SMS} SMs, {REGISTERS_PER_SM} registers and "
             f"{SHARED_PER_SM // 1024} KiB shared memory per SM)", "",
             "| case | kernel | grid | warps | stages | registers | spill bytes | instructions | shared KiB "
-            "| layout converts | programs/SM (limit) | waves |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+            "| layout converts | programs/SM (limit) | waves |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     print("\n".join(rows), flush=True)
     compiled_cache = {}
     for label, call in cases():
@@ -185,7 +189,8 @@ def main() -> None:
             waves = programs / (per_sm * SMS) if per_sm else float("inf")
             rows.append(f"| {label} | {record['kernel'].fn.__name__} | {'x'.join(map(str, record['grid']))} | "
                         f"{record['num_warps']} | {record['num_stages']} | {usage['reg']} | {usage.get('stack', 0)} "
-                        f"| {usage['instructions']} | {usage['shared'] / 1024:.1f} | {usage['converts']} | {per_sm} ({limiter}) | {waves:.2f} |")
+                        f"| {usage['instructions']} | {usage['shared'] / 1024:.1f} | {usage['converts']} "
+                        f"| {per_sm} ({limiter}) | {waves:.2f} |")
             print(rows[-1], flush=True)
     write_lines(opts.out, rows)
 
