@@ -113,7 +113,9 @@ def dense_decode(q, keys, values):
     return F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, enable_gqa=True)
 
 
-def bench_topk(bw: float, batches, lengths_n, rows: list[str]) -> None:
+def bench_topk(bw: float, batches, lengths_n, rows: list[str], ours_only: bool = False) -> None:
+    """A row per (batch, N, k); with ``ours_only`` the sorted, eager and plain columns are skipped (nan): an A/B
+    of kernel variants in a third of the time."""
     for batch in batches:
         for n in lengths_n:
             key_bytes = batch * HKV * n * D * 2
@@ -123,10 +125,12 @@ def bench_topk(bw: float, batches, lengths_n, rows: list[str]) -> None:
             floor = key_bytes / bw
             for k in sorted({64, 2048, n // 16}):
                 ours = graph_time(lambda q, keys: topk(q, keys, k, sorted=False), sets)
-                ours_sorted = graph_time(lambda q, keys: topk(q, keys, k, sorted=True), sets)
                 per_kv = graph_time(lambda q, keys: topk(q, keys, k, sorted=False, per_kv_head=True), sets)
-                plain = graph_time(lambda q, keys: plain_topk(q, keys, k), sets)
-                eager = eager_time(lambda q, keys: topk(q, keys, k, sorted=False), sets[0])
+                ours_sorted = plain = eager = math.nan
+                if not ours_only:
+                    ours_sorted = graph_time(lambda q, keys: topk(q, keys, k, sorted=True), sets)
+                    plain = graph_time(lambda q, keys: plain_topk(q, keys, k), sets)
+                    eager = eager_time(lambda q, keys: topk(q, keys, k, sorted=False), sets[0])
                 rows.append(f"| {batch} | {n // 1024}K | {k} | {floor * 1e6:.1f} | {ours * 1e6:.1f} | "
                             f"{ours / floor:.2f} | {per_kv * 1e6:.1f} | {per_kv / floor:.2f} | "
                             f"{ours_sorted * 1e6:.1f} | {eager * 1e6:.1f} | {plain * 1e6:.1f} | "
@@ -226,6 +230,8 @@ def main() -> None:
     parser.add_argument("--lengths", help="comma-separated N (overrides --quick)")
     parser.add_argument("--no-fp8", action="store_true", help="skip FP8 index scoring")
     parser.add_argument("--fp8-only", action="store_true", help="FP8 index scoring only (no Top-k, no attention)")
+    parser.add_argument("--ours-only", action="store_true",
+                        help="Top-k: only our unsorted times (per query and per KV head), for A/B runs of variants")
     args = parser.parse_args()
     torch.manual_seed(0)
     bw, peak = copy_bandwidth(), fp8_peak()
@@ -245,7 +251,7 @@ def main() -> None:
                      "ours sorted us | ours eager us | q.K^T+torch.topk us | torch/ours |",
                      "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         print("\n".join(header + topk_rows), flush=True)
-        bench_topk(bw, batches, lengths_n, topk_rows)
+        bench_topk(bw, batches, lengths_n, topk_rows, args.ours_only)
         attn_rows = ["| batch | N | k | K+V floor us | dense SDPA us | select+attend (per q head) us | /SDPA | "
                      "select+attend (per KV head) us | /SDPA |", "|---|---|---|---|---|---|---|---|---|"]
         print("\n".join(attn_rows), flush=True)
