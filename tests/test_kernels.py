@@ -368,6 +368,49 @@ def test_topk_rescans_a_row_when_the_sampled_threshold_misses(kernels, rng, monk
     assert not bool(workspace.any())
 
 
+@pytest.mark.parametrize("n,k", [(3000, 100), (5000, 16), (9000, 3000)])
+def test_topk_threshold_keeps_its_rank_of_samples_and_few_more(kernels, rng, n, k):
+    """The candidate threshold: at least its rank of the row's samples reach it (all k when the row is sampled
+    whole), which bounds the chance of a rescan; at most rank / 16 + 2 more, which bounds the candidates."""
+    topk = kernels.topk
+    q, keys = _randn(rng, 1, 4, 32), _randn(rng, 1, 2, n, 32)
+    _check_topk_close(topk.topk(q, keys, k), topk.topk_reference(q, keys, k), q, keys)
+    buffers = topk._SCRATCH[topk._scratch_key(q.device)]
+    sample, rows = topk._sample_size(n), 4
+    samples = buffers["samples"][:rows * sample].view(rows, sample)
+    bits = samples.view(torch.int32)
+    reach = ((bits ^ ((bits >> 31) & 0x7FFFFFFF)) >= buffers["thresholds"][:rows, None]).sum(dim=1)
+    rank = topk._sample_rank(k, n, sample)
+    assert rank == (k if n <= sample else rank)
+    assert bool((reach >= rank).all()) and bool((reach <= rank + rank // 16 + 2).all()), (reach, rank)
+
+
+def test_topk_bin_shift_maps_each_range_into_its_bins(kernels, rng, monkeypatch):
+    """The radix passes' bin width: every key of [lo, hi] lands in one of NB bins, with the least width that does
+    below 2**24 keys and at most twice it above (room for a shift read off the span as a float); no range (hi < lo)
+    gets width 1."""
+    tl = kernels.topk.tl
+    # the interpreter runs a kernel's body in its module's globals, not its closure
+    monkeypatch.setitem(globals(), "bin_shift", kernels.topk._bin_shift)
+
+    @triton.jit
+    def shifts(lo_ptr, hi_ptr, out_ptr, NB: tl.constexpr, BLOCK: tl.constexpr):
+        for i in range(BLOCK):  # one scalar range at a time, as the kernels call it
+            tl.store(out_ptr + i, bin_shift(tl.load(lo_ptr + i), tl.load(hi_ptr + i), NB))
+
+    edges = [0, 1, 127, 128, 129, 255, 2**23, 2**24 - 1, 2**24, 2**24 + 1, 2**32 - 1, 2**32 + 2**31]
+    spans = torch.tensor(edges + torch.randint(0, 2**33, (244,), generator=rng).tolist(), dtype=torch.int64)
+    lo = torch.randint(-2**31, 2**31, (256,), generator=rng, dtype=torch.int64)
+    for nb in (128, 2048):
+        got = torch.empty(256, dtype=torch.int64)
+        shifts[(1,)](lo, lo + spans, got, NB=nb, BLOCK=256)
+        least = torch.tensor([max(0, s.bit_length() - nb.bit_length() + 1) for s in spans.tolist()])
+        assert bool(((spans >> got) < nb).all())
+        assert bool(((got == least) | ((got == least + 1) & (spans > 2**24))).all())
+        shifts[(1,)](lo, lo - 1 - spans, got, NB=nb, BLOCK=256)
+        assert not bool(got.any())
+
+
 def test_topk_with_k_close_to_a_sampled_rows_length(kernels, rng):
     """k above the sample size on a sampled row: every valid key is a candidate (no rescan needed), still exact."""
     q, keys = _randn(rng, 1, 2, 16), _randn(rng, 1, 1, 5000, 16)
