@@ -378,8 +378,7 @@ def test_topk_threshold_keeps_its_rank_of_samples_and_few_more(kernels, rng, n, 
     buffers = topk._SCRATCH[topk._scratch_key(q.device)]
     sample, rows = topk._sample_size(n), 4
     samples = buffers["samples"][:rows * sample].view(rows, sample)
-    bits = samples.view(torch.int32)
-    reach = ((bits ^ ((bits >> 31) & 0x7FFFFFFF)) >= buffers["thresholds"][:rows, None]).sum(dim=1)
+    reach = (topk.ordered_keys(samples) >= buffers["thresholds"][:rows, None]).sum(dim=1)
     rank = topk._sample_rank(k, n, sample)
     assert rank == (k if n <= sample else rank)
     assert bool((reach >= rank).all()) and bool((reach <= rank + rank // 16 + 2).all()), (reach, rank)

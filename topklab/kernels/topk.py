@@ -192,11 +192,17 @@ def _sort_rows_in_registers(scores: torch.Tensor, indices: torch.Tensor) -> tupl
     return scores, indices
 
 
+def ordered_keys(scores: torch.Tensor) -> torch.Tensor:
+    """fp32 scores as int32 keys whose signed order is the float order, as the kernels compare them (which also
+    fold -0.0 onto +0.0), e.g. against their thresholds."""
+    bits = scores.view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
 def _sort_best_first(scores: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Order rows by score descending, ties by index ascending (-1 padding, scored -inf, last): one sort of a
     packed int64 key (the float's order-preserving bits, then the complemented index)."""
-    bits = scores.view(torch.int32)
-    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()
+    key = ordered_keys(scores).long()
     order = ((key << 32) | (0xFFFFFFFF - indices.clamp(min=0))).argsort(dim=-1, descending=True)
     return scores.gather(-1, order), indices.gather(-1, order)
 
