@@ -662,10 +662,9 @@ if HAS_TRITON:
         (H100, 2026-12-07, interleaved runs): 8K k = 64 / 512 / 2048 21.9-22.1 / 22.5-22.9 / 28.8-29.2 -> 21.2-21.7
         / 21.8-22.5 / 28.2-29.0 us, 128K k = 8192 136.5-137.3 -> 135.3-135.6 us (one run of three 139.3 as the
         copy bandwidth read 2.91 TB/s), 128K k <= 2048 tied."""
-        span = tl.maximum(hi - lo, 0).to(tl.float32)
-        exponent = ((span.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # floor(log2 span); -127 for 0
-        bits = ((tl.full((), NB, tl.float32).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # log2 NB
-        return tl.maximum(exponent + 1 - bits, 0).to(tl.int64)
+        per_bin = tl.maximum(hi - lo, 0).to(tl.float32) / NB  # exact: NB is a power of two
+        exponent = ((per_bin.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # floor(log2 span / NB); -127 for 0
+        return tl.maximum(exponent + 1, 0).to(tl.int64)
 
     @triton.jit
     def _wide_cut(hist_row, lo, hi, k_eff, NB: tl.constexpr, CAP: tl.constexpr):
