@@ -39,6 +39,59 @@ def test_selection_mask_and_bad_indices():
         recall_at_k(torch.tensor([[0.0]]), torch.tensor([[0]]))
 
 
+def test_recall_with_logits_counts_tied_keys_once_per_free_slot():
+    # scores: keys 0, 1 strictly above the cut; keys 2, 3, 4 tie at the 3rd score; k = 3 keeps one of them
+    logits = torch.tensor([[5.0, 4.0, 1.0, 1.0, 1.0, 0.0]])
+    true = torch.tensor([[0, 1, 2]])
+    cases = {(0, 1, 4): 1.0, (0, 3, 4): 2 / 3, (2, 3, 4): 1 / 3, (1, 4, 5): 2 / 3, (0, 1, -1): 2 / 3}
+    for pred, want in cases.items():
+        assert recall_at_k(torch.tensor([pred]), true, logits).item() == pytest.approx(want), pred
+    assert recall_at_k(torch.tensor([[0, 1, 4]]), true).item() == pytest.approx(2 / 3)  # by index: a tie is a miss
+    with pytest.raises(ValueError, match="not an exact Top-k"):
+        recall_at_k(torch.tensor([[0, 1, 2]]), torch.tensor([[0, 2, 5]]), logits)
+    with pytest.raises(ValueError, match="distinct"):
+        recall_at_k(torch.tensor([[0, 1, 2]]), torch.tensor([[0, 0, 1]]), logits)
+
+
+def test_recall_with_logits_equals_index_recall_without_ties_and_brute_force_with_them(rng):
+    """Random logits (no ties): both forms agree. Duplicated keys (ties everywhere): the tie-aware recall is the
+    best overlap over every exact Top-k set, found by brute force."""
+    import itertools
+
+    logits = torch.randn(40, 30, generator=rng)
+    true = torch.topk(logits, 7).indices
+    pred = torch.randint(-1, 30, (40, 7), generator=rng)
+    assert torch.equal(recall_at_k(pred, true, logits), recall_at_k(pred, true))
+    tied = torch.randint(0, 4, (25, 9), generator=rng).float()  # few distinct values: many ties
+    true = torch.topk(tied, 4).indices
+    pred = torch.randint(-1, 9, (25, 4), generator=rng)
+    for row in range(25):
+        kth = tied[row].topk(4).values[-1]
+        exact_sets = [set(c) for c in itertools.combinations(range(9), 4)
+                      if sorted(tied[row, list(c)].tolist(), reverse=True) == tied[row].topk(4).values.tolist()]
+        assert all(min(tied[row, list(c)]) == kth for c in exact_sets)
+        best = max(len(c & set(pred[row].tolist())) for c in exact_sets) / 4
+        assert recall_at_k(pred[row:row + 1], true[row:row + 1], tied[row:row + 1]).item() == pytest.approx(best)
+
+
+def test_metrics_refuse_a_selection_of_other_leading_dims(rng):
+    q, keys, values = (torch.randn(2, 4, 8, generator=rng) for _ in range(3))
+    pred = torch.randint(0, 4, (1, 1, 3), generator=rng)  # would broadcast one query's selection to all 8
+    for call in (lambda: attention_mass_recall(q, keys, pred), lambda: kl_divergence(q, keys, pred),
+                 lambda: output_error(q, keys, values, pred), lambda: fidelity(q, keys, values, pred)):
+        with pytest.raises(ValueError, match="leading dims"):
+            call()
+
+
+def test_kl_of_an_empty_selection_is_capped_not_zero(rng):
+    q, keys, values = (torch.randn(3, 5, 8, generator=rng) for _ in range(3))
+    pred = torch.randint(0, 5, (3, 5, 2), generator=rng)
+    pred[1] = -1  # an IVF probe or LSH bucket that found nothing
+    kl = kl_divergence(q, keys, pred)
+    assert torch.allclose(kl, fidelity(q, keys, values, pred)["kl"], atol=1e-4)
+    assert torch.allclose(kl[1], torch.full((5,), -math.log(1e-30))) and (kl[0] > 0).all()
+
+
 def test_mass_recall_hand_computed():
     # logits 0, log 2, log 3, log 4 (scale 1, d = 1): probabilities 1/10, 2/10, 3/10, 4/10
     keys = torch.tensor([[0.0], [math.log(2)], [math.log(3)], [math.log(4)]])

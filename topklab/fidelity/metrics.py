@@ -23,26 +23,53 @@ import torch
 from topklab.checks import check_indices, check_pair, check_vectors
 
 
-def recall_at_k(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
-    """|pred ∩ true| / k with k = true.shape[-1]; -1 entries of pred never match, duplicates count once."""
+def recall_at_k(pred: torch.Tensor, true: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+    """|pred ∩ true| / k with k = true.shape[-1]; -1 entries of pred never match, duplicates count once.
+
+    With ``logits [*, M, N]`` (of which ``true`` must be an exact Top-k), ties count as they should: a selected key
+    scoring exactly the k-th score is as good as the tied key the exact Top-k happened to keep, so recall is the
+    overlap with the best of the equally exact Top-k sets, |pred ∩ above| + min(|pred ∩ tied|, k - |above|).
+    """
     check_indices(pred, "pred")
     check_indices(true, "true")
     if pred.shape[:-1] != true.shape[:-1]:
         raise ValueError(f"pred {tuple(pred.shape)} and true {tuple(true.shape)} must share all but the last dim")
-    if true.shape[-1] == 0:
+    k = true.shape[-1]
+    if k == 0:
         raise ValueError("true must hold at least one index (k >= 1)")
+    if logits is not None:
+        return _tie_aware_recall(pred, true, logits)
     true_sorted = true.long().sort(dim=-1).values
     pred_sorted = pred.long().sort(dim=-1).values
-    pos = torch.searchsorted(true_sorted, pred_sorted).clamp_max(true.shape[-1] - 1)
+    pos = torch.searchsorted(true_sorted, pred_sorted).clamp_max(k - 1)
     hit = (true_sorted.gather(-1, pos) == pred_sorted) & (pred_sorted >= 0)
     first = torch.ones_like(hit)
     first[..., 1:] = pred_sorted[..., 1:] != pred_sorted[..., :-1]
-    return (hit & first).sum(-1).float() / true.shape[-1]
+    return (hit & first).sum(-1).float() / k
 
 
-def selection_mask(pred: torch.Tensor, n: int) -> torch.Tensor:
-    """Boolean ``[*, M, n]`` mask of the selected keys (ignoring -1 entries)."""
-    check_indices(pred, "pred")
+def _tie_aware_recall(pred: torch.Tensor, true: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    k = true.shape[-1]
+    if bool((_mask_for(true, logits).sum(-1) != k).any()):
+        raise ValueError("true must hold k distinct key indices (no -1) to be an exact Top-k of logits")
+    kth = logits.gather(-1, true.long()).amin(-1, keepdim=True)
+    above = logits > kth
+    tied = (logits == kth) & (kth > -math.inf)  # masked-out keys (-inf) never count, tied or not
+    n_above = above.sum(-1)
+    if bool((n_above >= k).any()):
+        raise ValueError("true is not an exact Top-k of logits: keys outside it score higher")
+    selected = _mask_for(pred, logits)
+    hits = (selected & above).sum(-1) + torch.minimum((selected & tied).sum(-1), k - n_above)
+    return hits.float() / k
+
+
+MASS_FLOOR = 1e-30  # KL = -log(mass) is capped at -log(MASS_FLOOR) ~ 69.1 when nothing (or no mass) is selected
+
+
+def selection_mask(pred: torch.Tensor, n: int, lead: torch.Size | None = None) -> torch.Tensor:
+    """Boolean ``[*, M, n]`` mask of the selected keys (ignoring -1 entries); ``lead``, if given, is the ``[*, M]``
+    that pred must match exactly (a broadcast would apply one query's selection to others)."""
+    check_indices(pred, "pred", lead)
     pred = pred.long()
     if pred.numel() and int(pred.max()) >= n:
         raise ValueError(f"pred holds index {int(pred.max())} but there are only N = {n} keys")
@@ -66,18 +93,18 @@ def attention_logits(q: torch.Tensor, keys: torch.Tensor, scale: float | None = 
 
 def attention_mass_recall(q, keys, pred, scale: float | None = None) -> torch.Tensor:
     """Share of the dense softmax mass on the selected keys."""
-    probs = torch.softmax(attention_logits(q, keys, scale), dim=-1)
-    return _mass(probs, selection_mask(pred, keys.shape[-2]))
+    logits = attention_logits(q, keys, scale)
+    return _mass(torch.softmax(logits, dim=-1), _mask_for(pred, logits))
 
 
 def kl_divergence(q, keys, pred, scale: float | None = None) -> torch.Tensor:
     """KL(attention renormalised over pred || dense attention), computed from the two distributions."""
     logits = attention_logits(q, keys, scale)
-    mask = selection_mask(pred, keys.shape[-2])
+    mask = _mask_for(pred, logits)
     log_dense = torch.log_softmax(logits, dim=-1)
     log_sparse = torch.log_softmax(logits.masked_fill(~mask, -math.inf), dim=-1)
     terms = torch.where(mask, log_sparse.exp() * (log_sparse - log_dense), torch.zeros_like(logits))
-    return terms.sum(-1)
+    return torch.where(mask.any(-1), terms.sum(-1), -math.log(MASS_FLOOR))  # nothing selected: no renormalised p_S
 
 
 def output_error(q, keys, values, pred, scale: float | None = None) -> torch.Tensor:
@@ -86,7 +113,7 @@ def output_error(q, keys, values, pred, scale: float | None = None) -> torch.Ten
     if values.shape[:-1] != keys.shape[:-1]:
         raise ValueError(f"values {tuple(values.shape)} must match keys {tuple(keys.shape)} in all but the last dim")
     logits = attention_logits(q, keys, scale)
-    return _output_error(logits, selection_mask(pred, keys.shape[-2]), values.float())
+    return _output_error(logits, _mask_for(pred, logits), values.float())
 
 
 def fidelity(q, keys, values, pred, true=None, scale: float | None = None) -> dict[str, torch.Tensor]:
@@ -100,16 +127,20 @@ def fidelity_from_logits(logits: torch.Tensor, values: torch.Tensor, pred: torch
     """`fidelity` from precomputed ``logits [*, M, N]`` (scaled q.k), for callers that score many selections."""
     if values.shape[-2] != logits.shape[-1]:
         raise ValueError(f"values hold {values.shape[-2]} keys but the logits score {logits.shape[-1]}")
-    mask = selection_mask(pred, logits.shape[-1])
+    mask = _mask_for(pred, logits)
     mass = _mass(torch.softmax(logits, dim=-1), mask)
     out = {
         "mass_recall": mass,
-        "kl": -torch.log(mass.clamp_min(1e-30)),
+        "kl": -torch.log(mass.clamp_min(MASS_FLOOR)),
         "output_error": _output_error(logits, mask, values.float()),
     }
     if true is not None:
-        out["recall"] = recall_at_k(pred, true)
+        out["recall"] = recall_at_k(pred, true, logits)
     return out
+
+
+def _mask_for(pred: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    return selection_mask(pred, logits.shape[-1], lead=logits.shape[:-1])
 
 
 def _mass(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
