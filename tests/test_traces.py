@@ -76,6 +76,50 @@ def test_not_a_trace_and_wrong_version(tmp_path, trace_file):
         TraceFile(tmp_path / "missing.safetensors")
 
 
+def _resave_with_header(path, out, edit):
+    """The trace's tensors under a header changed by ``edit`` (a dict -> None), as a hand edit or bit rot would."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    header = json.loads(safe_open(str(path), "pt").metadata()["topklab"])
+    edit(header)
+    save_file(load_file(str(path)), str(out), metadata={"topklab": json.dumps(header)})
+    return out
+
+
+@pytest.mark.parametrize("edit", [
+    lambda h: h.update(scale=0.75),  # every mass, KL and output error would shift silently
+    lambda h: h.update(prompt_len=3),
+    lambda h: h.update(layers=[0, 5]),
+    lambda h: h["crc32"].pop("input_ids"),
+    lambda h: h.pop("header_crc32"),
+])
+def test_edited_header_fails_its_checksum(trace_file, tmp_path, edit):
+    path, _ = trace_file
+    with pytest.raises(TraceError, match="fails its checksum"):
+        TraceFile(_resave_with_header(path, tmp_path / "edited.safetensors", edit))
+
+
+def test_header_with_a_valid_checksum_is_still_checked(trace_file, tmp_path):
+    """A header whose checksum matches but that lacks a field or a layer's tensors is refused up front, not deep
+    inside a metric."""
+    from topklab.fidelity.traces import _header_crc
+
+    path, _ = trace_file
+
+    def resealed(edit):
+        def apply(header):
+            edit(header)
+            header["header_crc32"] = _header_crc(header)
+        return apply
+
+    with pytest.raises(TraceError, match="'scale' is missing"):
+        TraceFile(_resave_with_header(path, tmp_path / "a.safetensors", resealed(lambda h: h.pop("scale"))))
+    with pytest.raises(TraceError, match=r"layer5\.q"):
+        TraceFile(_resave_with_header(path, tmp_path / "b.safetensors", resealed(lambda h: h.update(layers=[0, 5]))))
+    TraceFile(_resave_with_header(path, tmp_path / "c.safetensors", resealed(lambda h: None))).verify()
+
+
 def test_capture_records_post_rope_attention(model, rng):
     """Dense attention recomputed from the captured q, k, v equals what the model fed into o_proj."""
     ids = torch.randint(0, 256, (2, 24), generator=rng)

@@ -33,7 +33,7 @@ def smollm2_path() -> Path:
 def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """(model, tokenizer) for ``smollm2``, ``tiny-<family>``, or a local Hugging Face folder / hub id."""
     if name.startswith("tiny-"):
-        return tiny_model(name.removeprefix("tiny-")).to(device), None
+        return tiny_model(name.removeprefix("tiny-")).to(device, dtype), None
     transformers = _require_transformers()
     if name == DEFAULT_MODEL:
         folder = smollm2_path()

@@ -123,8 +123,9 @@ def _traces(config: RecallConfig, folder: Path, need_fit: bool) -> tuple[list[Tr
     model = tokenizer = layers = None
     eval_traces, fit_traces = [], []
     for (role, length, decode), doc in tqdm(list(zip(plan, docs)), desc="traces", unit="doc"):
-        path = folder / f"{role}-{_slug(config.model)}-{_slug(doc.title)}-{length}-{decode}-{_slug(config.layers)}.safetensors"
-        trace = _reuse(path)
+        info = {"model": config.model, "title": doc.title, "text": config.text}
+        path = folder / _trace_name(role, info, doc.text, length, decode, config.layers)
+        trace = _reuse(path, info)
         if trace is None:
             if model is None:
                 from topklab.decoding.capture import resolve_layers
@@ -132,12 +133,12 @@ def _traces(config: RecallConfig, folder: Path, need_fit: bool) -> tuple[list[Tr
 
                 model, tokenizer = load_model(config.model, device=config.device)
                 layers = resolve_layers(model, config.layers)
-            trace = _capture(model, tokenizer, doc, length, decode, layers, path, config)
+            trace = _capture(model, tokenizer, doc, length, decode, layers, path, config, info)
         (eval_traces if role.startswith("eval") else fit_traces).append(trace)
     return eval_traces, fit_traces
 
 
-def _capture(model, tokenizer, doc, length, decode, layers, path, config) -> TraceFile:
+def _capture(model, tokenizer, doc, length, decode, layers, path, config, info) -> TraceFile:
     import torch
 
     from topklab.decoding.capture import capture
@@ -150,18 +151,29 @@ def _capture(model, tokenizer, doc, length, decode, layers, path, config) -> Tra
     if ids.numel() < length:
         raise ValueError(f"document {doc.title!r} has only {ids.numel()} tokens; {length} are needed")
     traces, ids = capture(model, ids[None].to(config.device), layers, prompt_len=length - decode)
-    info = {"model": config.model, "title": doc.title, "text": config.text}
     return TraceFile(save_trace(path, traces, ids, info))
 
 
-def _reuse(path: Path) -> TraceFile | None:
+def _trace_name(role: str, info: dict, text: str, length: int, decode: int, layers: str) -> str:
+    """Readable, and unique to everything the trace depends on: slugs alone collide (``run_1`` and ``run-1``, long
+    names cut short) and miss an edited text, which would reuse another model's or text's attention."""
+    ident = json.dumps([info, hashlib.sha256(text.encode()).hexdigest(), length, decode, layers], sort_keys=True)
+    digest = hashlib.sha256(ident.encode()).hexdigest()[:10]
+    return f"{role}-{_slug(info['model'])[:40]}-{_slug(info['title'])[:40]}-{length}-{decode}-{digest}.safetensors"
+
+
+def _reuse(path: Path, info: dict) -> TraceFile | None:
     if not path.is_file():
         return None
     try:
-        return TraceFile(path).verify()
+        trace = TraceFile(path).verify()
     except TraceError as err:
         log.warning("recapturing %s: %s", path.name, err)
         return None
+    if trace.info != info:
+        log.warning("recapturing %s: it holds %s, not %s", path.name, trace.info, info)
+        return None
+    return trace
 
 
 def _cell_key(spec, config, traces, fit_traces) -> str:

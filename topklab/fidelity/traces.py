@@ -39,8 +39,10 @@ class LayerTrace:
 
 
 FORMAT = "topklab-trace"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the header carries its own checksum
 _FIELDS = ("q", "k", "v", "hidden")
+_HEADER_TYPES = {"layers": list, "scale": (int, float), "prompt_len": int, "length": int, "num_heads": int,
+                 "num_kv_heads": int, "head_dim": int, "info": dict, "crc32": dict}
 
 
 class TraceError(ValueError):
@@ -77,6 +79,7 @@ def save_trace(path, layers: dict[int, LayerTrace], input_ids: torch.Tensor, inf
         "info": info or {},
         "crc32": {name: _crc(t) for name, t in tensors.items()},
     }
+    header["header_crc32"] = _header_crc(header)
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"topklab": json.dumps(header)}))
 
 
@@ -107,9 +110,21 @@ class TraceFile:
                 f"{self.path}: trace format version {self.header.get('version')} but this topklab reads version "
                 f"{FORMAT_VERSION}; capture the trace again with this version"
             )
-        missing = set(self.header["crc32"]) - set(self._file.keys())
+        self._check_header()
+
+    def _check_header(self) -> None:
+        """The header's own checksum, its fields' types, and every listed layer's q, k, v present: a changed scale
+        or layer list would otherwise skew every metric silently."""
+        header = self.header
+        if header.get("header_crc32") != _header_crc(header):
+            raise TraceError(f"{self.path}: the trace metadata fails its checksum (edited or corrupt); capture it again")
+        for key, kind in _HEADER_TYPES.items():
+            if not isinstance(header.get(key), kind):
+                raise TraceError(f"{self.path}: trace metadata field {key!r} is missing or not a {kind}")
+        missing = set(header["crc32"]) - set(self._file.keys())
+        missing |= {f"layer{i}.{f}" for i in header["layers"] for f in ("q", "k", "v")} - set(header["crc32"])
         if missing:
-            raise TraceError(f"{self.path}: tensors listed in the metadata are missing: {sorted(missing)[:5]}")
+            raise TraceError(f"{self.path}: tensors the metadata needs are missing: {sorted(missing)[:5]}")
 
     @property
     def layers(self) -> list[int]:
@@ -153,6 +168,11 @@ class TraceFile:
         if _crc(tensor) != self.header["crc32"][name]:
             raise TraceError(f"{self.path}: checksum mismatch in tensor {name!r}: the file is corrupt; capture it again")
         return tensor
+
+
+def _header_crc(header: dict) -> int:
+    body = {key: value for key, value in header.items() if key != "header_crc32"}
+    return zlib.crc32(json.dumps(body, sort_keys=True).encode())
 
 
 def _crc(tensor: torch.Tensor) -> int:
