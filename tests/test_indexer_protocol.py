@@ -39,10 +39,25 @@ def test_unknown_parameter_lists_valid_ones():
         make("oracle:q=0.5")
 
 
-@pytest.mark.parametrize("spec", ["oracle:p=abc", "oracle:seed=1.5", "oracle:fill=sideways", "oracle:p=1.5"])
-def test_bad_values(spec):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("spec,message", [
+    ("oracle:p=abc", "not a valid float"), ("oracle:seed=1.5", "not a valid int"),
+    ("oracle:fill=sideways", "sideways"), ("oracle:p=1.5", "p"),
+    ("quant:rerank=nan", "must be a finite number"), ("lsh:rerank=inf", "must be a finite number"),
+    ("quant:rerank=1e400", "must be a finite number"), ("lightning:lr=-inf", "must be a finite number"),
+    ("ivf:seed=99999999999", "out of range"), ("hnsw:M=-4294967296", "out of range"),
+])
+def test_bad_values(spec, message):
+    """Refused when the spec is made, with the parameter named, not at build or search time deep inside."""
+    with pytest.raises(ValueError, match=message):
         make(spec)
+
+
+def test_float_parameters_survive_the_canonical_spec():
+    """The spec in result tables rebuilds the very indexer that produced them (``:g`` alone would round 0.1234561)."""
+    for value in (0.1234561, 0.5, 1e-07, 0.1, 1.0):
+        indexer = make(f"oracle:p={value}")
+        assert make(indexer.spec).p == value
+    assert make("oracle:p=0.5").spec == "oracle:p=0.5" and make("quant:rerank=2").spec.endswith("rerank=2")
 
 
 def test_spec_round_trip_for_every_example():

@@ -215,8 +215,8 @@ def exact_scores(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 def _format_value(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, float):
-        return f"{value:g}"
+    if isinstance(value, float):  # short, yet parsing the spec back gives this very value
+        return f"{value:g}" if float(f"{value:g}") == value else repr(value)
     return str(value)
 
 

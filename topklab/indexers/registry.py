@@ -7,9 +7,12 @@ are parsed by the field's type. The same string names the configuration in Pytho
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 
 from topklab.indexers.base import Indexer
+
+INT_PARAM_LIMIT = 2**31 - 1
 
 REGISTRY: dict[str, type[Indexer]] = {}
 
@@ -86,11 +89,20 @@ def _convert(name: str, key: str, value: str, typ) -> object:
                 return False
             raise ValueError
         if typ is int:
-            return int(value)
+            number = int(value)
+            if abs(number) > INT_PARAM_LIMIT:
+                raise ValueError(f"{name}: parameter {key}={value} is out of range (|value| <= {INT_PARAM_LIMIT}, "
+                                 "what FAISS's 32-bit parameters hold)")
+            return number
         if typ is float:
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError(f"{name}: parameter {key}={value} must be a finite number")
+            return number
         return str(value)
-    except ValueError:
+    except ValueError as err:
+        if str(err).startswith(f"{name}: "):
+            raise
         raise ValueError(f"{name}: parameter {key}={value!r} is not a valid {getattr(typ, '__name__', typ)}") from None
 
 
