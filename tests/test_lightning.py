@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,6 +151,10 @@ def test_checkpoint_errors(checkpoint, tmp_path):
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a Lightning indexer checkpoint"):
         make(f"lightning:ckpt={tmp_path / 'other.safetensors'}")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(Path(checkpoint).read_bytes()[:-64])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        make(f"lightning:heads=4,dim=16,rope=0,ckpt={cut}")
 
 
 # -- spec and input errors -----------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import torch
 from topklab.fidelity.traces import LayerTrace
 from topklab.indexers.base import Indexer, KeyBuffer
 from topklab.indexers.registry import register
+from topklab.io import atomic_write
 from topklab.kernels.fp8_index import MAX_INDEX_DIM, fp8_index_scores, hadamard_rotate, quantize_fp8
 from topklab.training.indexer_distill import distill
 
@@ -194,19 +195,20 @@ class Lightning(Indexer):
         metadata = {"format": CHECKPOINT_FORMAT, "hidden_size": str(net.hidden_size), "spec": self.spec}
         metadata.update({key: str(getattr(self, key)) for key in ARCHITECTURE})
         state = {key: value.detach().cpu().contiguous() for key, value in net.state_dict().items()}
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(state, str(path), metadata=metadata)
-        return path
+        return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
 
     def _load(self, path: str) -> LightningProjections:
         from safetensors import safe_open
 
         if not Path(path).is_file():
             raise FileNotFoundError(f"lightning: no checkpoint at ckpt={path}; write one with Lightning.save(path)")
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-            state = {key: f.get_tensor(key) for key in f.keys()}
+        try:
+            with safe_open(path, framework="pt") as f:
+                metadata = f.metadata() or {}
+                state = {key: f.get_tensor(key) for key in f.keys()}
+        except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
+            raise ValueError(f"lightning: checkpoint {path} is unreadable (truncated or corrupt?): {err}; write it "
+                             "again with Lightning.save(path)") from err
         if metadata.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"lightning: {path} is not a Lightning indexer checkpoint ({CHECKPOINT_FORMAT})")
         wrong = [f"{key}={metadata[key]} (spec says {getattr(self, key)})" for key in ARCHITECTURE
