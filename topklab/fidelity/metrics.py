@@ -26,9 +26,10 @@ from topklab.checks import check_indices, check_pair, check_vectors
 def recall_at_k(pred: torch.Tensor, true: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
     """|pred ∩ true| / k with k = true.shape[-1]; -1 entries of pred never match, duplicates count once.
 
-    With ``logits [*, M, N]`` (of which ``true`` must be an exact Top-k), ties count as they should: a selected key
-    scoring exactly the k-th score is as good as the tied key the exact Top-k happened to keep, so recall is the
-    overlap with the best of the equally exact Top-k sets, |pred ∩ above| + min(|pred ∩ tied|, k - |above|).
+    With ``logits [*, M, N]`` the exact Top-k is that of the logits (``true`` gives only k) and ties count as they
+    should: a selected key scoring exactly the k-th score is as good as the tied key a Top-k happened to keep, so
+    recall is the overlap with the best of the equally exact Top-k sets, |pred ∩ above| + min(|pred ∩ tied|,
+    k - |above|). A ``true`` from another precision or kernel then cannot count a near-tie swap as a miss either.
     """
     check_indices(pred, "pred")
     check_indices(true, "true")
@@ -38,7 +39,7 @@ def recall_at_k(pred: torch.Tensor, true: torch.Tensor, logits: torch.Tensor | N
     if k == 0:
         raise ValueError("true must hold at least one index (k >= 1)")
     if logits is not None:
-        return _tie_aware_recall(pred, true, logits)
+        return _tie_aware_recall(pred, k, logits)
     true_sorted = true.long().sort(dim=-1).values
     pred_sorted = pred.long().sort(dim=-1).values
     pos = torch.searchsorted(true_sorted, pred_sorted).clamp_max(k - 1)
@@ -48,16 +49,13 @@ def recall_at_k(pred: torch.Tensor, true: torch.Tensor, logits: torch.Tensor | N
     return (hit & first).sum(-1).float() / k
 
 
-def _tie_aware_recall(pred: torch.Tensor, true: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    k = true.shape[-1]
-    if bool((_mask_for(true, logits).sum(-1) != k).any()):
-        raise ValueError("true must hold k distinct key indices (no -1) to be an exact Top-k of logits")
-    kth = logits.gather(-1, true.long()).amin(-1, keepdim=True)
+def _tie_aware_recall(pred: torch.Tensor, k: int, logits: torch.Tensor) -> torch.Tensor:
+    if k > logits.shape[-1]:
+        raise ValueError(f"k = {k} exceeds the {logits.shape[-1]} keys the logits score")
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
     above = logits > kth
     tied = (logits == kth) & (kth > -math.inf)  # masked-out keys (-inf) never count, tied or not
     n_above = above.sum(-1)
-    if bool((n_above >= k).any()):
-        raise ValueError("true is not an exact Top-k of logits: keys outside it score higher")
     selected = _mask_for(pred, logits)
     hits = (selected & above).sum(-1) + torch.minimum((selected & tied).sum(-1), k - n_above)
     return hits.float() / k
