@@ -139,7 +139,14 @@ def test_capture_records_post_rope_attention(model, rng):
     torch.testing.assert_close(out, seen["x"], atol=1e-5, rtol=1e-4)
 
 
-def test_capture_decode_steps_equal_teacher_forcing(model, rng):
+@pytest.mark.parametrize("generation", [{}, {"cache_implementation": "static"}, {"eos_token_id": [300, 301]}])
+def test_capture_decode_steps_equal_teacher_forcing(model, rng, generation, monkeypatch):
+    """Also when the model's generation config asks for a static cache (whose buffer's tail is not the new keys) or
+    lists several EOS ids (Llama 3 style)."""
+    for key, value in generation.items():
+        monkeypatch.setattr(model.generation_config, key, value)
+        if key == "eos_token_id":
+            monkeypatch.setattr(model.config, key, value)
     ids = torch.randint(0, 256, (1, 16), generator=rng)
     generated, seq = capture(model, ids, layers="all", decode_steps=4)
     forced, _ = capture(model, seq, layers="all", prompt_len=16)

@@ -76,8 +76,10 @@ def capture(model: torch.nn.Module, input_ids: torch.Tensor, layers=None, decode
     try:
         with attention_hook(model, hook):
             if decode_steps:
+                # a growing cache, whatever the model's generation config asks for: the hook reads each call's new
+                # keys off the end of the cache, which a static cache's preallocated buffer does not hold there
                 ids = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=decode_steps,
-                                     do_sample=False, pad_token_id=getattr(model.config, "eos_token_id", None) or 0)
+                                     do_sample=False, pad_token_id=_pad_id(model), cache_implementation="dynamic")
             else:
                 model(input_ids, use_cache=False)
                 ids = input_ids
@@ -98,3 +100,11 @@ def capture(model: torch.nn.Module, input_ids: torch.Tensor, layers=None, decode
     }
     processed = traces[wanted[0]].length
     return traces, ids[:, :processed]
+
+
+def _pad_id(model: torch.nn.Module) -> int:
+    """A pad id for generate on an unpadded batch: the EOS id (the first, where the config lists several), else 0."""
+    eos = getattr(model.config, "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    return 0 if eos is None else int(eos)
