@@ -76,8 +76,18 @@ def check_k(k: int | float) -> int | float:
 
 def resolve_k(k: int | float, context: int) -> int:
     """Keys to select from ``context`` valid keys: the count, or ceil(ratio * context); at least 1, at most context."""
-    count = k if isinstance(k, int) else math.ceil(k * context)
+    count = k if isinstance(k, int) else math.ceil(round(k * context * 1e9) / 1e9)
     return max(1, min(count, context))
+
+
+def _resolve_k_per_query(k: int | float, context: torch.Tensor) -> torch.Tensor:
+    """`resolve_k` for a tensor of contexts, by the same float64 arithmetic: the product is rounded to 1e-9 before
+    the ceiling so a decimal ratio keeps what it says (0.07 of 100 keys is 7, not the 8 its binary product rounds up
+    to), in decoding, sparse prefill and training alike."""
+    if isinstance(k, int):
+        return context.clamp_max(k)
+    count = torch.ceil(torch.round(context.double() * k * 1e9) / 1e9).long()
+    return count.clamp(1).minimum(context)
 
 
 @dataclass
@@ -476,7 +486,7 @@ def masked_topk_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
     score = {"head": logits, "group": logits.sum(2, keepdim=True), "layer": logits.sum((1, 2), keepdim=True)}[per]
     visible = valid[:, None, None]
     context = valid.sum(-1)  # [B, T]
-    counts = context.clamp_max(k) if isinstance(k, int) else torch.ceil(k * context).long().clamp(1).minimum(context)
+    counts = _resolve_k_per_query(k, context)
     widest = max(1, int(counts.max()))
     top = score.detach().masked_fill(~visible, -math.inf).topk(min(widest, n), dim=-1).indices
     keep = torch.arange(top.shape[-1], device=query.device) < counts[:, None, None, :, None]
