@@ -242,6 +242,21 @@ def test_ratio_k_reads_as_a_share_of_the_context():
     assert (frame.k == [math.ceil(0.1 * c) for c in frame.context]).all()
 
 
+def test_ratio_k_counts_alike_in_decoding_and_the_masked_pass():
+    """One rounding for a ratio everywhere: decoding (`resolve_k`) and sparse prefill / training (the masked pass)
+    keep the same number of keys, and a decimal ratio keeps what it says (0.07 of 100 keys is 7)."""
+    from topklab.decoding.topk_attention import _resolve_k_per_query, resolve_k
+
+    contexts = torch.arange(1, 5001)
+    for ratio in (0.01, 0.02, 0.05, 0.07, 0.1, 0.2, 0.25, 0.3, 1 / 3, 1.0):
+        want = torch.tensor([resolve_k(ratio, int(c)) for c in contexts])
+        assert torch.equal(_resolve_k_per_query(ratio, contexts), want), ratio
+    assert resolve_k(0.07, 100) == 7 and resolve_k(0.3, 50) == 15 and resolve_k(0.3, 51) == 16
+    q, k, v = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 50, 8), torch.eye(50).expand(1, 2, 50, 50)
+    probs = masked_topk_attention(q, k, v, torch.ones(1, 1, 50, dtype=torch.bool), k=0.3)
+    assert ((probs[0, 0] > 0).sum(-1) == 15).all()
+
+
 def test_hidden_state_indexer_selects_per_layer():
     model = _model("llama")
     ids = _prompt(30, seed=9)
@@ -279,6 +294,18 @@ def test_masked_reference_keeps_sinks_window_and_top_keys():
     scores = (q[0, 0, 0] @ k[0, 0].T).masked_fill(~valid[0, 0], -math.inf)
     expected = set(scores.topk(3).indices.tolist()) | {2, 10, 11}
     assert set(torch.nonzero(probs).flatten().tolist()) == expected
+
+
+def test_soft_capped_attention_is_refused_up_front():
+    """Gemma2 soft-caps its logits: neither the Top-k scores nor the SDPA fallback would apply the cap."""
+    import transformers
+
+    config = transformers.Gemma2Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                                       num_key_value_heads=2, head_dim=8, intermediate_size=64, vocab_size=256,
+                                       sliding_window=8)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(ValueError, match="soft-caps its attention logits"):
+        enable_topk_attention(model, "exact", k=4)
 
 
 def test_bad_configurations_raise_clear_errors():

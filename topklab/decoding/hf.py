@@ -65,6 +65,12 @@ def check_supported(model: torch.nn.Module) -> None:
             "topklab cannot hook it; supported are models with the functional attention API (Llama, Qwen2/3, "
             "Mistral, Gemma3, ...)"
         )
+    if getattr(model.config, "attn_logit_softcapping", None):
+        raise ValueError(
+            f"{type(model).__name__} soft-caps its attention logits (attn_logit_softcapping = "
+            f"{model.config.attn_logit_softcapping}), which topklab's Top-k scoring and its dense fallback (SDPA) do "
+            "not apply; use a model without soft-capping (Gemma3 instead of Gemma2, Llama, Qwen, Mistral, ...)"
+        )
 
 
 def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
