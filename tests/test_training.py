@@ -100,11 +100,12 @@ def test_gradients_reach_only_the_selected_keys(rng):
     torch.testing.assert_close(k.grad[row, 1], k2.grad[row, 1], atol=1e-5, rtol=1e-4)
 
 
-def test_dense_prefix_teacher_forces_topk_decoding():
+@pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: sliding-window layers stay dense in both
+def test_dense_prefix_teacher_forces_topk_decoding(family):
     """One pass with a dense prompt and Top-k answer rows gives the logits of step-by-step Top-k decoding."""
     from topklab.decoding.topk_attention import topk_attention
 
-    model = tiny_model("llama", seed=4)
+    model = tiny_model(family, seed=4, layers=6 if family == "gemma3" else 2)
     ids = torch.randint(0, 256, (1, 48), generator=torch.Generator().manual_seed(2))
     prompt = 40
     with torch.no_grad():

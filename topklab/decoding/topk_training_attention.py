@@ -60,7 +60,8 @@ class TopkTrainingAttention(TopkSpec):
         _check_count("dense_prefix", self.dense_prefix)
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        if module.layer_idx in self.dense_layers:
+        if module.layer_idx in self.dense_layers or getattr(module, "sliding_window", None):
+            # sliding-window layers stay dense, as in `TopkAttention`: training must attend as decoding does
             return dense_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         if kwargs.get("softcap") is not None:
             raise ValueError("Top-k training attention does not support attention logit soft-capping (softcap)")
