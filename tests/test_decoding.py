@@ -159,8 +159,10 @@ def test_small_k_changes_generation():
     assert (sparse.logits[1] - dense.logits[1]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("per,prefill", [("head", "dense"), ("layer", "dense"), ("group", "sparse")])
-def test_left_padded_batch_equals_sequences_one_by_one(per, prefill):
+@pytest.mark.parametrize("per,prefill,indexer", [("head", "dense", "exact"), ("layer", "dense", "exact"),
+                                                 ("group", "sparse", "exact"), ("head", "dense", "oracle:p=0.5")])
+def test_left_padded_batch_equals_sequences_one_by_one(per, prefill, indexer):
+    """Also for a stochastic indexer (the random oracle): rows 0 and 2 share a start, yet each draws alone."""
     model = _model("mistral")
     lengths = [30, 22, 30, 17]
     prompts = [_prompt(n, seed=10 + i)[0] for i, n in enumerate(lengths)]
@@ -171,7 +173,7 @@ def test_left_padded_batch_equals_sequences_one_by_one(per, prefill):
         ids[row, width - len(prompt):] = prompt
         mask[row, width - len(prompt):] = 1
     options = dict(k=0.25, per=per, sinks=1, window=2, prefill=prefill)
-    with topk_attention(model, "exact", **options):
+    with topk_attention(model, indexer, **options):
         batched = _generate(model, ids, steps=10, attention_mask=mask)
         alone = [_generate(model, prompt[None], steps=10)[0] for prompt in prompts]
     for row, tokens in enumerate(alone):

@@ -74,6 +74,13 @@ def check_k(k: int | float) -> int | float:
     return k
 
 
+def check_count(name: str, value: int) -> int:
+    """A count of keys or positions (sinks, window, a dense prefix): an int >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    return value
+
+
 def resolve_k(k: int | float, context: int) -> int:
     """Keys to select from ``context`` valid keys: the count, or ceil(ratio * context); at least 1, at most context."""
     count = k if isinstance(k, int) else math.ceil(round(k * context * 1e9) / 1e9)
@@ -96,7 +103,7 @@ class _LayerState:
 
     starts: tuple[int, ...]
     end: int
-    indexers: dict[int, Indexer] = field(default_factory=dict)  # group start -> index over keys [start, end)
+    indexers: dict[int, Indexer] = field(default_factory=dict)  # group's first sequence -> index over [start, end)
 
 
 class TopkAttention:
@@ -108,10 +115,7 @@ class TopkAttention:
         check_supported(model)
         self.model = model
         self.k = check_k(k)
-        for name, value in (("sinks", sinks), ("window", window)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        self.sinks, self.window = sinks, window
+        self.sinks, self.window = check_count("sinks", sinks), check_count("window", window)
         if prefill not in PREFILL_CHOICES:
             raise ValueError(f"prefill must be one of {', '.join(PREFILL_CHOICES)}, got {prefill!r}")
         self.prefill = prefill
@@ -318,7 +322,7 @@ class TopkAttention:
         state = self._states.get(layer)
         if state is None or state.starts != starts or state.end != end - 1:
             state = _LayerState(starts, end - 1)
-        groups = _groups(starts, query.device)
+        groups = _groups(starts, query.device, apart=self._templates[layer].stochastic)
         plain = not (record or self.sinks or self.window) and len(groups) == 1 and groups[0][0] == 0
         if self._from_cache and plain and resolve_k(self.k, end) < end:
             # select + attend in one kernel call: the selection's scores are reused, only V is gathered
@@ -333,7 +337,7 @@ class TopkAttention:
                 picks.append((rows, queries.new_empty(0, dtype=torch.long)))
                 continue
             k = resolve_k(self.k, context)
-            indexer = state.indexers.get(start)
+            indexer = state.indexers.get(seqs[0])
             if indexer is not None:
                 indexer.add(self._vectors(key, hidden, rows, end - 1, end))
             if k >= context:
@@ -344,7 +348,7 @@ class TopkAttention:
                                       sorted=False)[1]
             else:
                 if indexer is None:
-                    indexer = state.indexers[start] = copy.deepcopy(self._templates[layer])
+                    indexer = state.indexers[seqs[0]] = copy.deepcopy(self._templates[layer])
                     indexer.build(self._vectors(key, hidden, rows, start, end))
                 picked = indexer.search(queries[rows], k)
                 picked = picked.reshape(picked.shape[0], -1, k)
@@ -435,16 +439,14 @@ def _visible(mask: torch.Tensor, kv_len: int) -> torch.Tensor:
     return row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
 
 
-def _groups(starts: tuple[int, ...], device) -> list[tuple[int, slice | torch.Tensor, list[int]]]:
-    """Sequences sharing a first valid key: (start, row selector, sequence numbers); one group without padding."""
-    distinct = sorted(set(starts))
-    if len(distinct) == 1:
-        return [(distinct[0], slice(None), list(range(len(starts))))]
-    out = []
-    for start in distinct:
-        seqs = [b for b, s in enumerate(starts) if s == start]
-        out.append((start, torch.tensor(seqs, device=device), seqs))
-    return out
+def _groups(starts: tuple[int, ...], device, apart: bool = False) -> list[tuple[int, slice | torch.Tensor, list[int]]]:
+    """Sequences sharing a first valid key: (start, row selector, sequence numbers); one group without padding.
+    ``apart``: every sequence in a group of its own (a batch of one is one group either way)."""
+    if len(starts) == 1 or (not apart and len(set(starts)) == 1):
+        return [(starts[0], slice(None), list(range(len(starts))))]
+    sets = [[b] for b in range(len(starts))] if apart else \
+        [[b for b, s in enumerate(starts) if s == start] for start in sorted(set(starts))]
+    return [(starts[seqs[0]], torch.tensor(seqs, device=device), seqs) for seqs in sets]
 
 
 def _shift(indices: torch.Tensor, offset: int) -> torch.Tensor:
@@ -516,5 +518,5 @@ def topk_attention(model: torch.nn.Module, indexer: IndexerChoice = "exact", **o
 
 __all__ = [
     "PER_CHOICES", "PREFILL_CHOICES", "TopkAttention", "check_k", "enable_topk_attention", "masked_topk_attention",
-    "resolve_k", "topk_attention",
+    "check_count", "resolve_k", "topk_attention",
 ]

@@ -81,6 +81,9 @@ class Indexer:
     examples: ClassVar[tuple[str, ...]] = ()
     #: Learned indexers set this and implement ``fit``; `topklab recall` fits them on held-out traces first.
     trainable: ClassVar[bool] = False
+    #: Search draws random numbers as it goes: decoding gives each sequence of a batch its own copy, so a sequence's
+    #: picks do not depend on its batch-mates.
+    stochastic: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         for field, allowed in self.choices.items():

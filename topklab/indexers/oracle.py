@@ -26,6 +26,7 @@ class Oracle(StoredKeysIndexer):
     name = "oracle"
     choices = {"fill": ("random", "next"), "keep": ("random", "top")}
     examples = ("oracle:p=0.5",)
+    stochastic = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
