@@ -86,6 +86,30 @@ def test_configurations_are_canonical_and_resolve_per(monkeypatch):
         configurations(["exact"], [8], per="token")
     with pytest.raises(ValueError, match="ratio"):
         configurations(["exact"], [1.5])
+    kinds = configurations(["exact"], [1, 1.0, 1])  # one key and the whole context are not one configuration
+    assert [(type(c.k), c.k) for c in kinds] == [(int, 1), (float, 1.0)]
+    for bad in (dict(sinks=-1), dict(window=-2), dict(sinks=1.5)):
+        with pytest.raises(ValueError, match="must be an int >= 0"):
+            configurations(["exact"], [8], **bad)
+
+
+def test_summary_keeps_configurations_of_one_k_apart():
+    from topklab.tasks.evaluate import DecodeConfig, summarize
+
+    one, whole = DecodeConfig("exact", 1, "head"), DecodeConfig("exact", 1.0, "head")
+    rows = pd.DataFrame([dict(task="passkey", length=1024, indexer="exact", k=float(c.k), per="head", score=score,
+                              recall=1.0, mass_recall=1.0, config=c.ident) for c, score in ((one, 0.0), (whole, 1.0))])
+    summary = summarize(rows)
+    assert len(summary) == 2 and sorted(summary.score) == [0.0, 1.0] and (summary.samples == 1).all()
+
+
+def test_bad_answer_budget_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    import topklab.tasks.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "load_eval_model", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
+        evaluate.run_evaluation(evaluate.EvalConfig(model="tiny-llama", tasks=("passkey",), lengths=(1024,), samples=1,
+                                                    max_new_tokens=0, out=str(tmp_path)))
 
 
 @pytest.mark.parametrize("per,sinks,window", [("head", 0, 0), ("group", 2, 4), ("layer", 0, 0)])

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from topklab.decoding.hf import attention_hook, attention_modules, dense_attention
-from topklab.decoding.topk_attention import PER_CHOICES, check_k, masked_topk_attention
+from topklab.decoding.topk_attention import PER_CHOICES, check_count, check_k, masked_topk_attention
 
 
 @dataclass
@@ -44,7 +44,7 @@ class TopkSpec:
         if self.per not in PER_CHOICES:
             raise ValueError(f"per must be one of {', '.join(PER_CHOICES)}, got {self.per!r}")
         for name in ("sinks", "window"):
-            _check_count(name, getattr(self, name))
+            check_count(name, getattr(self, name))
         self.dense_layers = tuple(int(i) for i in self.dense_layers)
 
 
@@ -57,7 +57,7 @@ class TopkTrainingAttention(TopkSpec):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_count("dense_prefix", self.dense_prefix)
+        check_count("dense_prefix", self.dense_prefix)
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         if module.layer_idx in self.dense_layers or getattr(module, "sliding_window", None):
@@ -76,11 +76,6 @@ class TopkTrainingAttention(TopkSpec):
         dense = masked_topk_attention(query[:, :, :first], key, value, valid[:, :first], k=1.0, **options)
         sparse = masked_topk_attention(query[:, :, first:], key, value, valid[:, first:], k=self.k, **options)
         return torch.cat([dense, sparse], dim=1), None
-
-
-def _check_count(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
 
 
 def visible_keys(attention_mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int, device) -> torch.Tensor:

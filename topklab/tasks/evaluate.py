@@ -29,7 +29,6 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
-import inspect
 import json
 import logging
 import math
@@ -45,7 +44,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from topklab.decoding.topk_attention import PER_CHOICES, check_k, topk_attention
+from topklab.decoding.hf import cache_keyword
+from topklab.decoding.topk_attention import PER_CHOICES, check_count, check_k, topk_attention
 from topklab.indexers import make as make_indexer
 from topklab.io import read_table, write_table, write_text
 from topklab.models import DEFAULT_MODEL, load_model
@@ -93,6 +93,7 @@ def configurations(indexers: Sequence[str], ks: Sequence[int | float], per: str 
     """``dense`` once, every other indexer spec at every k (specs made canonical, duplicates dropped)."""
     if per is not None and per not in PER_CHOICES:
         raise ValueError(f"per must be one of {', '.join(PER_CHOICES)}, got {per!r}")
+    check_count("sinks", sinks), check_count("window", window)  # before any model loads
     out: list[DecodeConfig] = []
     for spec in indexers:
         if spec == DENSE:
@@ -107,7 +108,10 @@ def configurations(indexers: Sequence[str], ks: Sequence[int | float], per: str 
             out.append(DecodeConfig(indexer.spec, check_k(k), resolved, sinks, window, record, hidden))
     if not out:
         raise ValueError("no decoding configuration: give at least one indexer spec, or 'dense'")
-    return list(dict.fromkeys(out))
+    unique: dict[str, DecodeConfig] = {}
+    for config in out:  # by ident: DecodeConfig(k=1) == DecodeConfig(k=1.0), yet one key is not the whole context
+        unique.setdefault(config.ident, config)
+    return list(unique.values())
 
 
 @dataclass
@@ -178,6 +182,10 @@ def run_evaluation(config: EvalConfig, model=None, tokenizer=None, shard: Shard 
             raise ValueError(f"lengths must be positive ints (tokens), got {length!r}")
     if config.samples < 1:
         raise ValueError(f"samples must be >= 1, got {config.samples}")
+    if config.max_new_tokens is not None and (isinstance(config.max_new_tokens, bool)
+                                              or not isinstance(config.max_new_tokens, int) or config.max_new_tokens < 1):
+        raise ValueError(f"max_new_tokens must be an int >= 1 (or None: each task's own budget), got "
+                         f"{config.max_new_tokens!r}")
     if config.device_map and shard.world > 1:
         raise ValueError("device_map spreads one model over all GPUs; run it as a single process, not under torchrun")
     device = _pick_device(config.device, shard) if model is None else _model_device(model)
@@ -296,7 +304,7 @@ def greedy(model, logits: torch.Tensor, cache, prompt_len: int, steps: int, eos:
             return tokens
         mask = torch.ones(1, prompt_len + len(tokens), dtype=torch.long, device=device)
         out = model(input_ids=token.to(_model_device(model)), attention_mask=mask, use_cache=True,
-                    **{_cache_argument(model): cache})
+                    **{cache_keyword(model): cache})
         token = out.logits[:, -1].argmax(-1, keepdim=True)
 
 
@@ -311,8 +319,9 @@ def read_results(out: str | Path) -> pd.DataFrame:
 
 
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
-    """Mean score (and sample count) per task, length and configuration."""
-    keys = ["task", "length", "indexer", "k", "per"]
+    """Mean score (and sample count) per task, length and configuration (``config``: k = 1 key and the ratio 1.0,
+    or runs with other sinks or windows, stay apart)."""
+    keys = ["task", "length", "indexer", "k", "per", "config"]
     grouped = results.groupby(keys, dropna=False, sort=False)
     summary = grouped.agg(samples=("score", "size"), score=("score", "mean"), recall=("recall", "mean"),
                           mass_recall=("mass_recall", "mean"))
@@ -399,11 +408,6 @@ def _eos_ids(model) -> set[int]:
     if eos is None:
         return set()
     return {eos} if isinstance(eos, int) else set(eos)
-
-
-def _cache_argument(model) -> str:
-    """transformers 5 names the KV cache argument ``cache``; 4.x ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _cache_of(out):
