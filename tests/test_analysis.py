@@ -72,6 +72,13 @@ def test_indexer_kind():
     assert (kind, curve) == ("indexer", "ivf:nlist=64,nprobe=2") and math.isnan(p)
 
 
+def test_repeated_sample_under_one_configuration_is_refused():
+    """Two runs' rows for one sample (say, two answer budgets in one folder) must not be averaged silently."""
+    rows = eval_rows(samples=4)
+    with pytest.raises(ValueError, match="repeat a sample under one configuration"):
+        correlation.configurations(pd.concat([rows, rows.iloc[:3]], ignore_index=True), n_resamples=RESAMPLES)
+
+
 def test_configurations_means_and_intervals():
     rows = eval_rows()
     table = correlation.configurations(rows, n_resamples=RESAMPLES)

@@ -199,6 +199,17 @@ def test_resumption_skips_finished_work_and_survives_a_crash(tmp_path, monkeypat
     pd.testing.assert_frame_equal(more[more.k != 64].reset_index(drop=True), full, check_dtype=False)
 
 
+def test_a_reused_folder_returns_only_this_runs_rows(tmp_path):
+    """Cells of earlier settings stay on disk (a later run may want them) but are not this run's results."""
+    run_evaluation(EvalConfig(**{**SMALL, "ks": (16, 64)}, out=str(tmp_path)))
+    narrower = EvalConfig(**{**SMALL, "ks": (16,), "samples": 1, "max_new_tokens": 3}, out=str(tmp_path))
+    results = run_evaluation(narrower)
+    assert set(results.k.dropna()) == {16} and set(results["sample"]) == {0}
+    assert set(results.max_new_tokens) == {3} and not results.duplicated(["sample_key", "config"]).any()
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "results.parquet"), results)
+    assert len(read_results(tmp_path)) > len(results)
+
+
 def test_shards_are_disjoint_and_cover_the_work(tmp_path):
     config = EvalConfig(**{**SMALL, "indexers": ("dense",), "samples": 3}, out=str(tmp_path))
     parts = [run_evaluation(config, shard=Shard(rank, 2, rank)) for rank in (0, 1)]

@@ -35,7 +35,7 @@ FIDELITY_METRICS = ("recall", "mass_recall", "output_error")
 #: +1 where higher fidelity should mean higher accuracy, -1 where lower should (an error).
 DIRECTION = {"recall": 1, "mass_recall": 1, "output_error": -1}
 METHODS = ("spearman", "pearson")
-CONFIG_KEYS = ("model", "indexer", "k", "per")
+CONFIG_KEYS = ("model", "indexer", "k", "per", "config")  # config: the whole ident (sinks, window, k = 1 vs 1.0)
 UNIT_KEYS = ("task", "length", "seed", "sample")
 STRATUM_KEYS = ("task", "length")
 DENSE = "dense"
@@ -138,6 +138,11 @@ def _design(results: pd.DataFrame, metrics: Sequence[str], require: Sequence[str
     if not keep.any():
         raise ValueError(f"no configuration has recorded {', '.join(require)}: run the eval with recording on")
     cells = frame[frame["_config"].isin(np.flatnonzero(keep))]
+    repeats = cells.duplicated(["_unit", "_config"])
+    if repeats.any():
+        raise ValueError(f"{int(repeats.sum())} row(s) repeat a sample under one configuration (runs with other "
+                         f"settings, e.g. max_new_tokens, in one results folder?); keep one run's rows per sample: "
+                         f"{', '.join(unit_keys)} x {', '.join(config_keys)}")
     table = cells.pivot_table(index="_unit", columns="_config", values=["score", *metrics], aggfunc="mean",
                               dropna=False)
     complete = table[["score", *require]].notna().all(axis=1)

@@ -226,7 +226,7 @@ def run_evaluation(config: EvalConfig, model=None, tokenizer=None, shard: Shard 
                 write_table(detail.assign(model=config.model), out / "fidelity" / f"{name}.parquet")
             write_table(frame[[*COLUMNS, *EXTRA_COLUMNS]], out / "cells" / f"{name}.parquet")
     _barrier(group, shard)
-    results = read_results(out)
+    results = _this_run(read_results(out), {_sample_key(config, w, dtype) for w in work}, {c.ident for c in configs})
     if shard.rank == 0:
         write_table(results, out / "results.parquet")
     if group:
@@ -309,13 +309,24 @@ def greedy(model, logits: torch.Tensor, cache, prompt_len: int, steps: int, eos:
 
 
 def read_results(out: str | Path) -> pd.DataFrame:
-    """All rows written under ``out`` (every rank's cells), one per (sample, configuration)."""
+    """All rows written under ``out`` (every rank's cells, of every run into it), one per (sample, configuration);
+    `run_evaluation` returns and writes only its own run's."""
     cells = sorted((Path(out) / "cells").glob("*.parquet"))
     if not cells:
         return pd.DataFrame({c: [] for c in (*COLUMNS, *EXTRA_COLUMNS)})
     frame = pd.concat([read_table(p) for p in cells], ignore_index=True)
     frame = frame.drop_duplicates(["sample_key", "config"], keep="first")
     return frame.sort_values(["task", "length", "sample", "indexer", "k"], kind="stable", ignore_index=True)
+
+
+def _this_run(results: pd.DataFrame, sample_keys: set[str], idents: set[str]) -> pd.DataFrame:
+    """The rows of this run's samples and configurations: a reused folder may hold cells of earlier settings (other
+    samples, seeds, answer budgets or indexers), which stay on disk for a later run but are not this run's results."""
+    mine = results["sample_key"].isin(sample_keys) & results["config"].isin(idents)
+    if not mine.all():
+        log.info("%d row(s) in the results folder belong to other settings; left out of this run's results",
+                 int((~mine).sum()))
+    return results[mine].reset_index(drop=True)
 
 
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
