@@ -111,6 +111,33 @@ def test_bad_arguments_give_clear_errors(tmp_path, capsys, extra, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["recall", "--device", "bogus"], "not a torch device"),
+    (["eval", "--device", "cuda:x"], "not a torch device"),
+    (["generate", "--device", "cuda"], "no CUDA device"),
+    (["recall", "--model", "/no/such/model", "--k", "4", "--lengths", "200", "--decode", "5"],
+     "cannot load model '/no/such/model'"),
+])
+def test_cli_refuses_bad_devices_and_models_in_one_line(tmp_path, capsys, argv, message, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--out", str(tmp_path / "out")] if argv[0] != "generate" else argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_report_into_a_folder_is_refused(tmp_path, capsys):
+    assert run(tmp_path / "results") == 0
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(SystemExit):
+        main(["report", str(tmp_path / "results"), "--out", str(tmp_path / "taken")])
+    assert "is a folder; give a file" in capsys.readouterr().err
+
+
 def test_missing_model_package(monkeypatch):
     import importlib.util
 

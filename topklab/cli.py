@@ -20,6 +20,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def _add_recall(sub) -> None:
     from topklab.fidelity.recall_job import RecallConfig
+    from topklab.runtime import device_argument
 
     d = RecallConfig()
     p = sub.add_parser("recall", help="measure indexer recall against the exact Top-k on real attention",
@@ -36,7 +37,7 @@ def _add_recall(sub) -> None:
     p.add_argument("--k", type=_ints, default=d.ks, dest="ks", help="comma-separated k values")
     p.add_argument("--layers", default=d.layers, help="'all', 'spread:N' or comma-separated layer indices")
     p.add_argument("--out", default=d.out, help="output folder (re-running reuses finished work)")
-    p.add_argument("--device", default=d.device)
+    p.add_argument("--device", type=device_argument, default=d.device)
     p.set_defaults(run=_run_recall)
 
 
@@ -112,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, ImportError, KeyError) as err:
+    except (ValueError, OSError, ImportError, KeyError) as err:  # bad input or files: one line (-v: the traceback)
+        if args.verbose:
+            raise
         parser.exit(2, f"topklab {args.command}: error: {err}\n")
 
 

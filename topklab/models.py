@@ -42,8 +42,15 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
     else:
         kwargs, source = {}, name
     log.info("loading %s", name)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
-    model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
+        model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except OSError as err:  # transformers' word for "no such folder, and the hub did not have it either"
+        raise FileNotFoundError(
+            f"cannot load model {name!r}: it is not a local Hugging Face folder and the hub could not provide it "
+            f"({str(err).splitlines()[0]}); give '{DEFAULT_MODEL}' (embedded), 'tiny-<family>' "
+            f"({', '.join(TINY_FAMILIES)}) or a folder with config.json and weights"
+        ) from err
     if "gguf_file" in kwargs:
         _forget_gguf(model)
     model.config.name_or_path = name

@@ -60,6 +60,8 @@ def write_report(results_dir, out=None, n_resamples: int = 2000, seed: int = 0, 
     if not root.is_dir():
         raise FileNotFoundError(f"no results folder at {root}")
     out = Path(out) if out else root / "report.md"
+    if out.is_dir():
+        raise ValueError(f"the report's path {out} is a folder; give a file, e.g. {out / 'report.md'}")
     context = _Context(out.parent / "figures", out.parent, n_resamples, seed)
     sections = []
     for folder in [root, *sorted(p for p in root.glob("*") if p.is_dir()),

@@ -12,6 +12,7 @@ from topklab.decoding.hf import cache_keyword, static_cache
 from topklab.decoding.topk_attention import PER_CHOICES, PREFILL_CHOICES, check_k, topk_attention
 from topklab.kernels.topk import clear_scratch
 from topklab.models import DEFAULT_MODEL, load_model
+from topklab.runtime import device_argument
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cuda-graph", action="store_true",
                         help="decode over a static cache with each step replayed from a CUDA graph (CUDA only; "
                              "Top-k needs the exact indexer with an int k and no sinks, window or recording)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_argument, default="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ import time
 
 from topklab.decoding.topk_attention import PER_CHOICES, check_k
 from topklab.models import DEFAULT_MODEL
+from topklab.runtime import device_argument
 from topklab.tasks.evaluate import DTYPES, GENERATED_TASKS, EvalConfig, Shard, run_evaluation, summarize
 
 
@@ -77,7 +78,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None, help="answer budget (default: each task's own)")
     parser.add_argument("--seed", type=int, default=d.seed, help="sample seed (default: 0)")
     parser.add_argument("--out", default=d.out, help="output folder; re-running skips finished work")
-    parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK with CUDA, else cpu")
+    parser.add_argument("--device", type=device_argument, default=None,
+                        help="default: cuda:LOCAL_RANK with CUDA, else cpu")
     parser.add_argument("--device-map", default=None, help="'auto': spread one large HF model over all visible GPUs")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                         help="default: bfloat16 on CUDA, float32 on CPU")
