@@ -1,8 +1,10 @@
 """Native Top-k fine-tuning and the model zoo: Top-k training attention (forward, gradients, masks), the training
 loop, zoo config -> model -> checkpoint -> load, and the errors bad configs raise."""
 
+import dataclasses
 import inspect
 import json
+import logging
 import math
 from types import SimpleNamespace
 
@@ -12,6 +14,7 @@ import torch
 from topklab.decoding.topk_training_attention import TopkTrainingAttention, topk_training_attention, visible_keys
 from topklab.models import tiny_model
 from topklab.tasks import ByteTokenizer, PromptCodec
+from topklab.training.reuse import checkpoint_identity, reusable_checkpoint
 from topklab.training.topk_sft import (
     TaskData,
     TopkSpec,
@@ -369,3 +372,36 @@ def test_topk_finetuning_runs_on_smollm2(tmp_path):
     saved = save_checkpoint(model, tokenizer, tmp_path / "sft", {"steps": 2})  # a GGUF-loaded model saves
     reloaded, _ = load_trainable(str(saved), "cpu")
     assert _held_out_loss(reloaded, batch, topk) == pytest.approx(after, rel=1e-5)
+
+
+# -- reusing finished work ---------------------------------------------------------------------------------------
+def test_checkpoints_are_written_whole_and_reused_only_for_their_settings(tmp_path, caplog):
+    class Killed(Exception):
+        pass
+
+    class DyingTokenizer:  # the run is killed after the weights are written, before training.json
+        def save_pretrained(self, folder):
+            raise Killed
+
+    folder = tmp_path / "ft"
+    model, tokenizer = load_trainable("tiny-llama", "cpu")
+    with pytest.raises(Killed):
+        save_checkpoint(model, DyingTokenizer(), folder, {})
+    assert list(tmp_path.iterdir()) == []  # nothing under the final name, no temporary folder left
+
+    data, config = TaskData(("passkey",), (400,), data_seed=2), TrainConfig(steps=1, batch_size=1, warmup=0)
+    assert not reusable_checkpoint(folder, "tiny-llama", data, config)
+    finetune(model, tokenizer, data, config, folder)
+    assert reusable_checkpoint(folder, "tiny-llama", data, config)
+    assert reusable_checkpoint(folder, "tiny-llama", data, dataclasses.replace(config, log_every=1, workers=2))
+    with caplog.at_level(logging.INFO, logger="topklab.training.reuse"):
+        assert not reusable_checkpoint(folder, "tiny-llama", data, dataclasses.replace(config, steps=2))
+        assert not reusable_checkpoint(folder, "tiny-llama", data, dataclasses.replace(config, topk=TopkSpec(k=8)))
+        assert not reusable_checkpoint(folder, "tiny-llama", dataclasses.replace(data, data_seed=3), config)
+        assert not reusable_checkpoint(folder, "another-base", data, config)
+    assert "train.steps: 1 -> 2" in caplog.text and "base: ['tiny-llama', None] -> ['another-base', None]" in caplog.text
+
+    identity = checkpoint_identity(folder)  # a re-trained checkpoint at the same path is another model
+    save_checkpoint(model, None, folder, {"kind": "other"})
+    assert checkpoint_identity(folder) != identity and checkpoint_identity("tiny-llama") == ["tiny-llama", None]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ft"] and not (folder / "train_log.csv").exists()

@@ -3,7 +3,10 @@ a half-written file that a later run would trust."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +26,31 @@ def atomic_write(path, write: Callable[[Path], None]) -> Path:
     finally:
         Path(tmp).unlink(missing_ok=True)
     return path
+
+
+def atomic_folder(path, write: Callable[[Path], None]) -> Path:
+    """`atomic_write` for a folder (a checkpoint): ``write(tmp_folder)`` on a temporary sibling, renamed to ``path``
+    only if it succeeded (an old ``path`` is replaced), so a killed run never leaves a half-written folder there."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        write(tmp)
+        if path.exists():
+            old = tmp.with_suffix(".old")
+            path.rename(old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def digest(value) -> str:
+    """A stable hash (hex) of a JSON-able value: names a result by everything it depends on."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def write_table(frame: pd.DataFrame, path) -> Path:

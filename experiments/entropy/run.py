@@ -6,7 +6,8 @@ steps and seed (`topklab.training.topk_sft`), differing only in the attention of
 each, attention entropy at the decode positions of every layer and head, and the mass exact Top-k keeps
 (`topklab.analysis.entropy.task_entropy`), go to results/entropy/entropy.parquet; the report compares each model
 with the dense-SFT control (paired bootstrap over prompts) and relates a head's entropy to the mass Top-k loses.
-Re-running reuses the fine-tuned checkpoints and the entropy rows in results/.
+Re-running reuses the fine-tuned checkpoints (while their recorded settings match the config) and the entropy rows
+in results/ (named by a digest of the settings and weights they come from).
 
     .venv/bin/python experiments/entropy/run.py [config.json]
     .venv/bin/python experiments/entropy/run.py experiments/entropy/config_zoo.json   # arms trained on the GPU
@@ -26,34 +27,38 @@ import torch
 
 from topklab.analysis.entropy import ENTROPY_FILE, task_entropy
 from topklab.analysis.report import write_report
-from topklab.io import read_table, write_table
+from topklab.io import digest, read_table, write_table
+from topklab.training.reuse import checkpoint_identity, reusable_checkpoint
 from topklab.training.topk_sft import TaskData, TopkSpec, TrainConfig, default_filler, finetune, load_trainable
 
 HERE = Path(__file__).resolve().parent
 log = logging.getLogger("experiments.entropy")
 
 
-def model_for(config: dict, arm: str | None):
-    """(model, tokenizer) of one arm: the base (None), or its "dense" / "topk" fine-tune: the checkpoint the config's
-    ``arms`` names, else one fine-tuned here (once; later runs load it)."""
-    base, device = config["model"], config["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+def checkpoint_for(config: dict, arm: str | None) -> str:
+    """The checkpoint of one arm: the base (None), or its "dense" / "topk" fine-tune: the checkpoint the config's
+    ``arms`` names, else one fine-tuned here (reused while its recorded settings match the config's ``finetune``)."""
+    base = config["model"]
     if arm is None:
-        return load_trainable(base, device)
+        return base
     if arm in config.get("arms", {}):
-        return load_trainable(config["arms"][arm], device)
+        return config["arms"][arm]
     checkpoint = results_dir(config) / f"{Path(base).name}-{arm}-sft"
-    if (checkpoint / "training.json").is_file():
-        return load_trainable(str(checkpoint), device)
     ft = config["finetune"]
-    torch.manual_seed(ft["seed"])
-    model, tokenizer = load_trainable(base, device)
     data = TaskData(tasks=tuple(ft["tasks"]), lengths=tuple(ft["lengths"]), filler=default_filler(base, None))
     train = TrainConfig(steps=ft["steps"], batch_size=ft["batch_size"], lr=ft["lr"], warmup=ft["warmup"],
                         seed=ft["seed"], topk=TopkSpec(ft["topk_k"]) if arm == "topk" else None)
-    frame = finetune(model, tokenizer, data, train, checkpoint)
-    log.info("%s-SFT: loss %.3f -> %.3f in %d steps", arm, frame["loss"].head(5).mean(), frame["loss"].tail(5).mean(),
-             len(frame))
-    return model, tokenizer
+    if not reusable_checkpoint(checkpoint, base, data, train):
+        torch.manual_seed(ft["seed"])
+        model, tokenizer = load_trainable(base, device_of(config))
+        frame = finetune(model, tokenizer, data, train, checkpoint)
+        log.info("%s-SFT: loss %.3f -> %.3f in %d steps", arm, frame["loss"].head(5).mean(),
+                 frame["loss"].tail(5).mean(), len(frame))
+    return str(checkpoint)
+
+
+def device_of(config: dict) -> str:
+    return config["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def results_dir(config: dict) -> Path:
@@ -61,17 +66,20 @@ def results_dir(config: dict) -> Path:
 
 
 def entropy_rows(config: dict, arm: str | None) -> pd.DataFrame:
-    """Entropy rows of one arm on the evaluation prompts (computed once, then read back)."""
-    name = arm_name(config, arm)
-    path = results_dir(config) / "rows" / f"{name}.parquet"
+    """Entropy rows of one arm on the evaluation prompts, computed once per digest of what they depend on (the
+    entropy settings, the weights and the haystack text), then read back."""
+    name, checkpoint = arm_name(config, arm), checkpoint_for(config, arm)
+    filler = default_filler(config["model"], None)
+    e = config["entropy"]
+    key = digest([e, checkpoint_identity(checkpoint), name, filler])[:12]
+    path = results_dir(config) / "rows" / f"{name}-{key}.parquet"
     if path.is_file():
         return read_table(path)
-    model, tokenizer = model_for(config, arm)
+    model, tokenizer = load_trainable(checkpoint, device_of(config))
     model.eval()
-    e = config["entropy"]
     rows = task_entropy(model, tokenizer, tasks=e["tasks"], lengths=e["lengths"], samples=e["samples"],
                         decode_steps=e["decode_steps"], layers=e["layers"], ks=e["ks"], model_name=name,
-                        filler=default_filler(config["model"], None))
+                        filler=filler)
     write_table(rows, path)
     return rows
 

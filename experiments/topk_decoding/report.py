@@ -4,7 +4,8 @@ dense and Top-k decoding, and summarise accuracy with confidence intervals.
 Evaluation reuses `topklab.tasks.evaluate.evaluate_sample` (one dense prefill per sample, every decoding
 configuration decoded from a copy of its cache) but builds the tasks itself, so that a task's parameters (e.g. the
 haystack text a zoo model was trained on) can be set. Rows follow /work/notes/eval_schema.md plus ``arm`` (which
-model variant) and are cached one file per (arm, task, length, sample): re-running skips finished work.
+model variant) and are cached one file per (arm, sample), its name carrying a digest of everything the sample's rows
+depend on (weights, task parameters, seed, answer budget): re-running skips finished work, other settings redo it.
 
 Confidence intervals: a mean of 0/1 scores gets a Wilson 95% interval; a mean of partial scores (RULER's
 string_match_all) a percentile bootstrap over samples; a paired difference between two configurations a
@@ -25,43 +26,43 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from topklab.io import read_table, write_table, write_text
+from topklab.io import digest, read_table, write_table, write_text
 from topklab.tasks import PromptCodec, make_with_filler
 from topklab.tasks.evaluate import COLUMNS, DecodeConfig, evaluate_sample
+from topklab.training.reuse import checkpoint_identity
 
 log = logging.getLogger(__name__)
 Z95 = 1.959963984540054
 
 
 def evaluate(model, tokenizer, arm: str, tasks, lengths: Sequence[int], samples: int, configs: Sequence[DecodeConfig],
-             out: str | Path, seed: int = 0, max_new_tokens: int | None = None) -> pd.DataFrame:
-    """Rows for every (task, length, sample) x configuration of one model variant ``arm`` (cached under ``out``)."""
+             out: str | Path, seed: int = 0, max_new_tokens: int | None = None, model_key=None) -> pd.DataFrame:
+    """Rows for every (task, length, sample) x configuration of one model variant ``arm`` (cached under ``out``).
+
+    ``model_key`` identifies the weights in the cache key; by default the `checkpoint_identity` of the model's
+    name_or_path (its folder and training.json: a re-fine-tuned arm, e.g. from another base, is evaluated anew)."""
     codec = PromptCodec(tokenizer, vocab_size=model.config.vocab_size)
-    cells = Path(out) / "cells"
-    frames = []
-    work = [(task, length, index) for task in tasks for length in lengths for index in range(samples)]
-    for task, length, index in tqdm(work, desc=f"eval {arm}", unit="sample"):
-        path = cells / f"{arm}-{task.label}-L{length}-s{index}.parquet"
-        done = read_table(path) if path.is_file() else pd.DataFrame({"config": []})
-        pending = [c for c in configs if c.ident not in set(done["config"])]
-        if pending:
-            sample = task.sample(codec, length, index, seed, max_new_tokens)
-            rows, _ = evaluate_sample(model, codec, task, sample, pending)
-            done = pd.concat([done, pd.DataFrame(rows).assign(model=arm, arm=arm, rank=0)], ignore_index=True)
-            write_table(done, path)
-        frames.append(done[done["config"].isin({c.ident for c in configs})])
-    return pd.concat(frames, ignore_index=True)[[*COLUMNS, "arm", "config"]]
+
+    def rows_for(task, length, index, pending):
+        sample = task.sample(codec, length, index, seed, max_new_tokens)
+        rows, _ = evaluate_sample(model, codec, task, sample, pending)
+        return pd.DataFrame(rows).assign(model=arm, arm=arm, rank=0)
+
+    key = [_model_key(model, model_key), seed, max_new_tokens]
+    frame = cached_cells(Path(out) / "cells", arm, key, tasks, lengths, samples, configs, rows_for, f"eval {arm}")
+    return frame[[*COLUMNS, "arm", "config"]]
 
 
 def evaluate_teacher_forced(model, tokenizer, arm: str, tasks, lengths: Sequence[int], samples: int,
                             configs: Sequence[DecodeConfig], out: str | Path, seed: int = 0,
-                            max_new_tokens: int | None = None) -> pd.DataFrame:
+                            max_new_tokens: int | None = None, model_key=None) -> pd.DataFrame:
     """Teacher-forced Top-k decoding: per sample and configuration, the reference answer's mean token NLL
     (``nll``), the share of its tokens that are the argmax (``token_accuracy``) and whether all are (``exact``).
 
     One forward pass over prompt + answer + EOS, dense on the prompt and exact Top-k on the answer rows
     (`topk_training_attention(dense_prefix=...)`), equals step-by-step Top-k decoding fed the reference (tested), so
-    a small accuracy effect shows up as a likelihood shift without sampling noise from greedy decoding.
+    a small accuracy effect shows up as a likelihood shift without sampling noise from greedy decoding. Cached as
+    `evaluate` caches (``model_key`` likewise).
     """
     from topklab.decoding.topk_training_attention import topk_training_attention
     from topklab.training.topk_sft import answer_text, special_ids
@@ -69,38 +70,59 @@ def evaluate_teacher_forced(model, tokenizer, arm: str, tasks, lengths: Sequence
     codec = PromptCodec(tokenizer, vocab_size=model.config.vocab_size)
     eos, _ = special_ids(model, tokenizer)
     device = next(model.parameters()).device
+
+    def rows_for(task, length, index, pending):
+        sample = task.sample(codec, length, index, seed, max_new_tokens)
+        answer = codec.encode(answer_text(sample.answers)) + [eos]
+        prompt = len(sample.input_ids)
+        ids = torch.tensor([list(sample.input_ids) + answer], device=device)
+        target = torch.tensor(answer, device=device)
+        rows = []
+        for config in pending:
+            if not config.dense and config.indexer != "exact":
+                raise ValueError(f"teacher-forced scoring runs exact Top-k only, not {config.indexer!r}")
+            attention = (contextlib.nullcontext() if config.dense else
+                         topk_training_attention(model, config.k, per=config.per, sinks=config.sinks,
+                                                 window=config.window, dense_prefix=prompt))
+            with torch.no_grad(), attention:
+                logits = model(input_ids=ids).logits[0, prompt - 1 : -1].float()
+            hits = logits.argmax(-1) == target
+            rows.append({"task": task.label, "length": length, "sample": index, "seed": seed, "model": arm,
+                         "arm": arm, "indexer": config.indexer, "per": config.per, "config": config.ident,
+                         "k": math.nan if config.k is None else float(config.k),
+                         "nll": torch.nn.functional.cross_entropy(logits, target).item(),
+                         "token_accuracy": hits.float().mean().item(), "exact": float(hits.all()),
+                         "context_tokens": prompt})
+        return pd.DataFrame(rows)
+
+    key = [_model_key(model, model_key), seed, max_new_tokens]
+    return cached_cells(Path(out) / "teacher_forced", arm, key, tasks, lengths, samples, configs, rows_for,
+                        f"teacher-forced {arm}")
+
+
+def cached_cells(folder: Path, arm: str, key: list, tasks, lengths: Sequence[int], samples: int,
+                 configs: Sequence[DecodeConfig], rows_for, desc: str) -> pd.DataFrame:
+    """Rows per (task, length, sample) x configuration, one file per sample named by a digest of ``key`` and the
+    sample's task, length and index (everything its rows depend on), so other settings never reuse them;
+    ``rows_for(task, length, index, pending)`` computes the configurations a file still lacks."""
     frames = []
     work = [(task, length, index) for task in tasks for length in lengths for index in range(samples)]
-    for task, length, index in tqdm(work, desc=f"teacher-forced {arm}", unit="sample"):
-        path = Path(out) / "teacher_forced" / f"{arm}-{task.label}-L{length}-s{index}.parquet"
+    for task, length, index in tqdm(work, desc=desc, unit="sample"):
+        name = f"{arm}-{task.label}-L{length}-s{index}-{digest([*key, task.key(), length, index])[:12]}"
+        path = folder / f"{name}.parquet"
         done = read_table(path) if path.is_file() else pd.DataFrame({"config": []})
         pending = [c for c in configs if c.ident not in set(done["config"])]
         if pending:
-            sample = task.sample(codec, length, index, seed, max_new_tokens)
-            answer = codec.encode(answer_text(sample.answers)) + [eos]
-            prompt = len(sample.input_ids)
-            ids = torch.tensor([list(sample.input_ids) + answer], device=device)
-            target = torch.tensor(answer, device=device)
-            rows = []
-            for config in pending:
-                if not config.dense and config.indexer != "exact":
-                    raise ValueError(f"teacher-forced scoring runs exact Top-k only, not {config.indexer!r}")
-                attention = (contextlib.nullcontext() if config.dense else
-                             topk_training_attention(model, config.k, per=config.per, sinks=config.sinks,
-                                                     window=config.window, dense_prefix=prompt))
-                with torch.no_grad(), attention:
-                    logits = model(input_ids=ids).logits[0, prompt - 1 : -1].float()
-                hits = logits.argmax(-1) == target
-                rows.append({"task": task.label, "length": length, "sample": index, "seed": seed, "model": arm,
-                             "arm": arm, "indexer": config.indexer, "per": config.per, "config": config.ident,
-                             "k": math.nan if config.k is None else float(config.k),
-                             "nll": torch.nn.functional.cross_entropy(logits, target).item(),
-                             "token_accuracy": hits.float().mean().item(), "exact": float(hits.all()),
-                             "context_tokens": prompt})
-            done = pd.concat([done, pd.DataFrame(rows)], ignore_index=True)
+            done = pd.concat([done, rows_for(task, length, index, pending)], ignore_index=True)
             write_table(done, path)
         frames.append(done[done["config"].isin({c.ident for c in configs})])
     return pd.concat(frames, ignore_index=True)
+
+
+def _model_key(model, given) -> list:
+    """The weights' identity and dtype: what a sample's rows depend on besides the sample itself."""
+    weights = given if given is not None else checkpoint_identity(getattr(model.config, "name_or_path", ""))
+    return [weights, str(next(model.parameters()).dtype)]
 
 
 def build_tasks(names: Sequence[str], filler: str | None):
@@ -277,6 +299,6 @@ def set_threads(threads: int | None) -> None:
 
 
 __all__ = [
-    "accuracy_table", "bootstrap_mean", "build_tasks", "evaluate", "evaluate_teacher_forced", "interval", "markdown", "paired_difference", "plot_accuracy_vs_k",
+    "accuracy_table", "bootstrap_mean", "build_tasks", "cached_cells", "evaluate", "evaluate_teacher_forced", "interval", "markdown", "paired_difference", "plot_accuracy_vs_k",
     "set_threads", "setting", "wilson", "with_interval",
 ]

@@ -45,12 +45,27 @@ from report import (  # noqa: E402
 )
 
 from topklab.io import write_table, write_text  # noqa: E402
-from topklab.training.topk_sft import default_filler, default_tasks  # noqa: E402
 from topklab.tasks.evaluate import configurations  # noqa: E402
-from topklab.training.topk_sft import TaskData, TopkSpec, TrainConfig, finetune, load_trainable  # noqa: E402
-from topklab.training.zoo import is_zoo_checkpoint, load_config, load_zoo_model, train_zoo_model  # noqa: E402
+from topklab.training.reuse import reusable_checkpoint  # noqa: E402
+from topklab.training.topk_sft import (  # noqa: E402
+    TaskData,
+    TopkSpec,
+    TrainConfig,
+    default_filler,
+    default_tasks,
+    finetune,
+    load_trainable,
+)
+from topklab.training.zoo import (  # noqa: E402
+    is_zoo_checkpoint,
+    load_config,
+    load_zoo_model,
+    train_zoo_model,
+    zoo_config_of,
+)
 
 ARMS = ("dense-sft", "topk-sft")
+log = logging.getLogger("experiments.topk_sft")
 
 
 def base_model(args, out: Path) -> str:
@@ -69,26 +84,27 @@ def base_model(args, out: Path) -> str:
         return args.base
     config = load_config(args.base)
     folder = out / "checkpoints" / config.name
-    if not (folder / "model.safetensors").is_file():
+    if not (is_zoo_checkpoint(folder) and zoo_config_of(folder) == config):  # missing, or from another config
+        log.info("training zoo model %s into %s", args.base, folder)
         train_zoo_model(config, folder, args.device)
     return str(folder)
 
 
 def arm_checkpoint(arm: str, base: str, args, out: Path) -> str:
-    """A fine-tuned arm: given on the command line, found from an earlier run, or fine-tuned now."""
+    """A fine-tuned arm: given on the command line, an earlier run's fine-tune of ``base`` with the same settings, or
+    fine-tuned now."""
     given = getattr(args, arm.replace("-", "_"))
     if given:
         return given
     folder = out / "checkpoints" / arm
-    if (folder / "model.safetensors").is_file():
-        return str(folder)
-    model, tokenizer = load_trainable(base, args.device)
     data = TaskData(tuple(args.tasks.split(",")), tuple(int(n) for n in args.train_lengths.split(",")), "answer",
                     data_seed=args.data_seed, filler=args.filler)
     topk = TopkSpec(parse_k(args.train_k)) if arm == "topk-sft" else None
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, seed=args.seed,
                          topk=topk, log_every=10)
-    finetune(model, tokenizer, data, config, folder, desc=arm)
+    if not reusable_checkpoint(folder, base, data, config):
+        model, tokenizer = load_trainable(base, args.device)
+        finetune(model, tokenizer, data, config, folder, desc=arm)
     return str(folder)
 
 
@@ -188,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     lengths = [int(n) for n in args.lengths.split(",")]
     frames, forced = [], []
     for arm in ARMS:
+        # the cached rows are keyed by the checkpoint's training.json (its base and settings), not the arm's name
         model, tokenizer = load(arm_checkpoint(arm, base, args, out), args.device)
         forced.append(evaluate_teacher_forced(model, tokenizer, arm, tasks, lengths, args.samples, configs, out, 0,
                                               args.max_new_tokens))

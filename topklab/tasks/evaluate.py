@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -47,7 +46,7 @@ from tqdm.auto import tqdm
 from topklab.decoding.hf import cache_keyword
 from topklab.decoding.topk_attention import PER_CHOICES, check_count, check_k, topk_attention
 from topklab.indexers import make as make_indexer
-from topklab.io import read_table, write_table, write_text
+from topklab.io import digest, read_table, write_table, write_text
 from topklab.models import DEFAULT_MODEL, load_model
 from topklab.tasks.base import PromptCodec, Sample, Task, make_with_filler
 
@@ -220,7 +219,7 @@ def run_evaluation(config: EvalConfig, model=None, tokenizer=None, shard: Shard 
                                                                   config.max_new_tokens)
             rows, details = evaluate_sample(model, codec, item.task, sample, pending, detail=config.fidelity_detail)
             frame = pd.DataFrame(rows).assign(model=config.model, rank=shard.rank, sample_key=item.key)
-            name = f"{_slug(sample.task)}-L{item.length}-s{item.index}-{item.key[:12]}-{_digest([c.ident for c in pending])[:8]}"
+            name = f"{_slug(sample.task)}-L{item.length}-s{item.index}-{item.key[:12]}-{digest([c.ident for c in pending])[:8]}"
             if details:
                 detail = pd.concat(details, ignore_index=True)
                 write_table(detail.assign(model=config.model), out / "fidelity" / f"{name}.parquet")
@@ -370,7 +369,7 @@ def _tasks(config: EvalConfig) -> list[Task]:
 
 def _sample_key(config: EvalConfig, item: WorkItem, dtype: torch.dtype) -> str:
     """Everything a sample's prompt and dense prefill depend on."""
-    return _digest([config.model, item.task.key(), item.length, item.index, config.seed, config.max_new_tokens,
+    return digest([config.model, item.task.key(), item.length, item.index, config.seed, config.max_new_tokens,
                     config.chat, str(dtype)])
 
 
@@ -382,10 +381,6 @@ def _finished(cells: Path) -> dict[str, set[str]]:
         for key, ident in zip(frame["sample_key"], frame["config"]):
             done.setdefault(key, set()).add(ident)
     return done
-
-
-def _digest(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _slug(text: str) -> str:

@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import random
-import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -37,7 +36,7 @@ from tqdm.auto import tqdm
 
 from topklab.decoding.topk_attention import PER_CHOICES, check_k
 from topklab.decoding.topk_training_attention import TopkSpec, topk_training_attention
-from topklab.io import write_table, write_text
+from topklab.io import atomic_folder, write_table, write_text
 from topklab.tasks import PromptCodec, make_with_filler
 
 log = logging.getLogger(__name__)
@@ -276,17 +275,21 @@ def special_ids(model, tokenizer) -> tuple[int, int]:
     return int(eos), int(eos if pad is None else pad)
 
 
-def save_checkpoint(model, tokenizer, out: str | Path, meta: dict, log_frame: pd.DataFrame | None = None) -> Path:
-    """A Hugging Face folder: config.json + model.safetensors (+ tokenizer files) + ``meta`` as training.json."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    write_text(json.dumps(meta, indent=2, default=str), out / "training.json")
-    if log_frame is not None:
-        write_table(log_frame, out / "train_log.csv")
-    return out
+def save_checkpoint(model, tokenizer, out: str | Path, meta: dict, log_frame: pd.DataFrame | None = None,
+                    files: dict[str, str] | None = None) -> Path:
+    """A Hugging Face folder: config.json + model.safetensors (+ tokenizer files) + ``meta`` as training.json (+
+    ``files``, name -> text). Written whole or not at all (`atomic_folder`): a later run may trust what it finds."""
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        if log_frame is not None:
+            write_table(log_frame, folder / "train_log.csv")
+        for name, text in (files or {}).items():
+            write_text(text, folder / name)
+        write_text(json.dumps(meta, indent=2, default=str), folder / "training.json")
+
+    return atomic_folder(out, write)
 
 
 def finetune(model, tokenizer, data: TaskData, config: TrainConfig, out: str | Path | None = None,
@@ -307,9 +310,8 @@ def finetune(model, tokenizer, data: TaskData, config: TrainConfig, out: str | P
         base = Path(getattr(model.config, "name_or_path", "") or ".")
         if (base / "training.json").is_file():
             meta["base_training"] = json.loads((base / "training.json").read_text())
-        save_checkpoint(model, tokenizer, out, meta, frame)
-        if (base / CONFIG_FILE).is_file():  # a zoo model stays a zoo model: keep its config
-            shutil.copyfile(base / CONFIG_FILE, Path(out) / CONFIG_FILE)
+        zoo = base / CONFIG_FILE  # a zoo model stays a zoo model: keep its config
+        save_checkpoint(model, tokenizer, out, meta, frame, {CONFIG_FILE: zoo.read_text()} if zoo.is_file() else None)
     return frame
 
 

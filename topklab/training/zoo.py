@@ -199,9 +199,8 @@ def train_zoo_model(config: ZooConfig, out: str | Path, device: str = "cpu") -> 
     frame = finetune(model, tokenizer, config.data, config.train, desc=f"zoo {config.name}")
     meta = {"kind": "zoo", "parameters": params, "device": str(device), "seconds": time.perf_counter() - start,
             "steps_done": len(frame), "torch": torch.__version__}
-    out = save_checkpoint(model.to("cpu"), tokenizer, out, meta, frame)
-    (out / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
-    return out
+    return save_checkpoint(model.to("cpu"), tokenizer, out, meta, frame,
+                           {CONFIG_FILE: json.dumps(config.to_dict(), indent=2)})
 
 
 def is_zoo_checkpoint(path: str | Path) -> bool:
