@@ -455,7 +455,7 @@ def test_topk_folded_queries_and_unsorted_output(kernels, rng):
 
 
 def test_topk_rejects_bad_input(rng):
-    from topklab.kernels.topk import topk
+    from topklab.kernels.topk import topk, topk_reference
 
     q, keys = _randn(rng, 1, 4, 32), _randn(rng, 1, 2, 50, 32)
     with pytest.raises(ValueError, match=r"k must be in \[1, N\]"):
@@ -466,6 +466,27 @@ def test_topk_rejects_bad_input(rng):
         topk(_randn(rng, 1, 4, 16), keys, 5)
     with pytest.raises(ValueError, match="lengths"):
         topk(q, keys, 5, lengths=torch.tensor([3, 4]))
+    with pytest.raises(ValueError, match="no keys to select from"):  # an empty cache, in either layout
+        topk(q, keys[:, :, :0], 1)
+    with pytest.raises(ValueError, match="no keys to select from"):
+        topk(keys[:, :, :3], keys[:, :, :0], 1)
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        topk(q, keys[:, :0], 1)
+    bad = keys.clone()
+    bad[0, 1, 7, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf"):  # the reference's check (the CUDA path does not scan K)
+        topk_reference(q, bad, 5)
+
+
+def test_topk_takes_narrow_integer_ranges(rng):
+    """uint8 / int8 / int16 lengths are widened before their clamp to N (which a narrow type may not hold)."""
+    from topklab.kernels.topk import topk
+
+    q, keys = _randn(rng, 2, 4, 16), _randn(rng, 2, 2, 300, 16)
+    for dtype, values in ((torch.uint8, [200, 90]), (torch.int8, [127, 90]), (torch.int16, [200, 90])):
+        want = topk(q, keys, 8, lengths=torch.tensor(values))
+        got = topk(q, keys, 8, lengths=torch.tensor(values, dtype=dtype))
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), dtype
 
 
 # ---------------------------------------------------------------------------------------------- sparse attention
@@ -513,13 +534,58 @@ def test_topk_attention_select_and_attend(kernels, rng, per_kv_head):
 
 
 def test_sparse_attention_rejects_bad_indices(rng):
-    from topklab.kernels.sparse_attention import sparse_decode_attention
+    from topklab.kernels.sparse_attention import sparse_decode_attention, sparse_decode_attention_reference
 
     q, keys = _randn(rng, 1, 4, 16), _randn(rng, 1, 2, 20, 16)
     with pytest.raises(ValueError, match=r"\[B, Hq, k\]"):
         sparse_decode_attention(q, keys, keys, torch.zeros(1, 3, 5, dtype=torch.int64))
     with pytest.raises(TypeError, match="int32/int64"):
         sparse_decode_attention(q, keys, keys, torch.zeros(1, 4, 5))
+    for outside in (20, -2):  # the reference refuses them; the CUDA path skips them (see below)
+        with pytest.raises(ValueError, match=r"valid are 0..N-1 = 0..19"):
+            sparse_decode_attention_reference(q, keys, keys, torch.full((1, 4, 5), outside))
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        sparse_decode_attention(q, keys[:, :0], keys[:, :0], torch.zeros(1, 4, 5, dtype=torch.int64))
+
+
+def test_sparse_attention_of_nothing_is_zeros(kernels, rng):
+    """No sequence, no selected slot, or an empty cache: zeros of the right shape on both paths, no launch."""
+    q, keys = _randn(rng, 2, 4, 16), _randn(rng, 2, 2, 20, 16)
+    cases = [(q[:0], keys[:0], torch.zeros(0, 4, 3, dtype=torch.int64)),
+             (q, keys, torch.zeros(2, 4, 0, dtype=torch.int64)),
+             (q, keys[:, :, :0], torch.full((2, 2, 3), -1))]
+    for args in cases:
+        for attend in (kernels.attention.sparse_decode_attention, kernels.attention.sparse_decode_attention_reference):
+            out = attend(args[0], args[1], args[1], args[2])
+            assert out.shape == args[0].shape and not out.any()
+
+
+def test_sparse_attention_kernel_skips_indices_outside_the_cache(kernels, rng):
+    """Never a read outside K / V: an index >= N in the kernel path counts as an empty slot."""
+    q, keys, values = _randn(rng, 1, 4, 16), _randn(rng, 1, 2, 20, 16), _randn(rng, 1, 2, 20, 16)
+    indices = torch.randint(0, 20, (1, 4, 6), generator=rng)
+    outside = indices.clone()
+    outside[..., -2:] = 20 + torch.arange(2)
+    inside = indices.clone()
+    inside[..., -2:] = -1
+    torch.testing.assert_close(kernels.attention.sparse_decode_attention(q, keys, values, outside),
+                               kernels.attention.sparse_decode_attention_reference(q, keys, values, inside))
+
+
+def test_fp8_index_scores_of_empty_inputs(kernels, rng):
+    q = kernels.fp8.quantize_fp8(_randn(rng, 1, 2, 3, 64), block=64)
+    k = kernels.fp8.quantize_fp8(_randn(rng, 1, 8, 64), block=64)
+    w = _randn(rng, 1, 2, 3)
+    for keep in ("keys", "queries", "batch"):
+        qv, qs, kv, ks, ww = q[0], q[1], k[0], k[1], w
+        if keep == "keys":
+            kv, ks = kv[:, :0], ks[:, :0]
+        elif keep == "queries":
+            qv, qs, ww = qv[:, :0], qs[:, :0], ww[:, :0]
+        else:
+            qv, qs, kv, ks, ww = qv[:0], qs[:0], kv[:0], ks[:0], ww[:0]
+        out = kernels.fp8.fp8_index_scores(qv, qs, kv, ks, ww)
+        assert out.shape == (qv.shape[0], qv.shape[1], kv.shape[1]) and out.numel() == 0
 
 
 def test_pdl_only_on_hopper_and_can_be_turned_off(monkeypatch):

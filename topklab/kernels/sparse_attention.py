@@ -22,6 +22,8 @@ def sparse_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.T
     ``indices [B, Hq, k]`` selects per query head, ``[B, Hkv, k]`` once per KV head for its query group; -1 entries
     are skipped (a row with none attends to nothing and returns zeros). ``scale`` defaults to d^-0.5.
     Returns ``[B, Hq, d]`` in q's dtype. Triton on CUDA, :func:`sparse_decode_attention_reference` elsewhere.
+    Indices must lie in [-1, N): the reference refuses others; the CUDA path skips them (checking would cost a
+    device sync per call), so it never reads outside the cache.
     """
     scale = _check_attention(q, keys, values, indices, scale)
     if not use_triton(q):
@@ -35,6 +37,11 @@ def sparse_decode_attention_reference(q: torch.Tensor, keys: torch.Tensor, value
     scale = _check_attention(q, keys, values, indices, scale)
     b, hq, d = q.shape
     hkv, n_sel = keys.shape[1], indices.shape[1]
+    if indices.numel() and (int(indices.min()) < -1 or int(indices.max()) >= keys.shape[2]):
+        raise ValueError(f"indices hold {int(indices.min())}..{int(indices.max())}; valid are 0..N-1 = "
+                         f"0..{keys.shape[2] - 1}, or -1 for an empty slot")
+    if indices.shape[-1] == 0 or keys.shape[2] == 0:  # nothing selected anywhere
+        return q.new_zeros(b, hq, d)
     group = hq // n_sel  # query heads per selection row
     kv_of_sel = torch.arange(n_sel, device=q.device) // (n_sel // hkv)
     safe = indices.clamp(min=0).long()
@@ -80,7 +87,7 @@ def _check_attention(q, keys, values, indices, scale) -> float:
                          f"{tuple(q.shape)}, keys {tuple(keys.shape)}, values {tuple(values.shape)}")
     b, hq, d = q.shape
     hkv = keys.shape[1]
-    if keys.shape[0] != b or keys.shape[3] != d or hq % hkv:
+    if keys.shape[0] != b or keys.shape[3] != d or hkv == 0 or hq % hkv:
         raise ValueError(f"q {tuple(q.shape)} does not fit keys {tuple(keys.shape)}: same B and d, Hq a multiple "
                          "of Hkv")
     if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int32, torch.int64):
@@ -98,6 +105,8 @@ def _attend(q, keys, values, indices, scale: float, selected_scores: torch.Tenso
     b, hq, d = q.shape
     hkv, n, n_sel, k = keys.shape[1], keys.shape[2], indices.shape[1], indices.shape[2]
     group = hq // n_sel
+    if b == 0 or k == 0 or n == 0:  # no sequence, or nothing selected: no launch (a grid may not be empty)
+        return q.new_zeros(b, hq, d)
     k3, v3 = keys.reshape(b * hkv, n, d), values.reshape(b * hkv, n, d)
     if k3.stride(-1) != 1 or v3.stride(-1) != 1 or k3.stride() != v3.stride():
         k3, v3 = k3.contiguous(), v3.contiguous()
@@ -116,7 +125,7 @@ def _attend(q, keys, values, indices, scale: float, selected_scores: torch.Tenso
     dot_fp32 = interpreting() or q.dtype == torch.float32 or keys.dtype != q.dtype
     launch(_sparse_attention_kernel, (sel_rows, splits),
            (q2, k3, v3, idx, selected_scores.reshape(sel_rows, k) if has_scores else idx, part_max, part_sum,
-            part_acc, scale, k, group, n_sel // hkv, k3.stride(0), k3.stride(1), per_split, splits),
+            part_acc, scale, n, k, group, n_sel // hkv, k3.stride(0), k3.stride(1), per_split, splits),
            dict(D=d, BLOCK_D=max(16, next_pow2(d)), BLOCK_M=block_m, BLOCK_K=block_k, HAS_SCORES=has_scores,
                 DOT_FP32=dot_fp32), num_warps=4)
     out = torch.empty(b * hq, d, dtype=q.dtype, device=q.device)
@@ -127,8 +136,8 @@ def _attend(q, keys, values, indices, scale: float, selected_scores: torch.Tenso
 
 if HAS_TRITON:
 
-    @triton.jit
-    def _sparse_attention_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, sel_ptr, pmax_ptr, psum_ptr, pacc_ptr, scale, K,
+    @triton.jit(do_not_specialize=["N"])  # a growing cache changes N every decode step
+    def _sparse_attention_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, sel_ptr, pmax_ptr, psum_ptr, pacc_ptr, scale, N, K,
                                  group, sel_per_kv, stride_kl, stride_kn, per_split, splits,
                                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                                  BLOCK_K: tl.constexpr, HAS_SCORES: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -152,7 +161,7 @@ if HAS_TRITON:
         for j0 in range(start, tl.minimum(start + per_split, K), BLOCK_K):
             j = j0 + tl.arange(0, BLOCK_K)
             index = tl.load(idx_ptr + row.to(tl.int64) * K + j, mask=j < K, other=-1).to(tl.int64)
-            picked = index >= 0
+            picked = (index >= 0) & (index < N)  # outside the cache: skipped, never read
             offsets = kv_base + index[:, None] * stride_kn + dd[None, :]
             tile_mask = picked[:, None] & d_ok[None, :]
             if HAS_SCORES:

@@ -38,7 +38,7 @@ import math
 
 import torch
 
-from topklab.checks import check_k
+from topklab.checks import check_finite, check_k
 from topklab.kernels._triton import HAS_TRITON, cdiv, interpreting, launch, next_pow2, sm_count, tl, triton
 from topklab.kernels._triton import pdl_enter, pdl_release, pdl_wait, prefetch_l2, use_triton
 
@@ -81,6 +81,8 @@ def topk(q: torch.Tensor, keys: torch.Tensor, k: int, *, lengths: torch.Tensor |
     device, so a decode step reads nothing on the host. Rows with fewer than k valid keys get index -1 and score
     -inf in the tail. Ties go to the lower index. ``sorted`` orders
     each row best first; otherwise the order is unspecified. Triton on CUDA, :func:`topk_reference` elsewhere.
+    The reference refuses NaN/Inf keys; the CUDA path does not scan for them (that would be a second pass over K),
+    and with them its selection is undefined: check a cache you do not trust with ``topklab.checks.check_finite``.
     """
     q3, k3, out_shape = _fold(q, keys, per_kv_head)
     check_k(k, k3.shape[1])
@@ -99,6 +101,7 @@ def topk_reference(q: torch.Tensor, keys: torch.Tensor, k: int, *, lengths: torc
     first k, best first."""
     q3, k3, out_shape = _fold(q, keys, per_kv_head)
     check_k(k, k3.shape[1])
+    check_finite(keys, "keys")
     first, end = _sequence_bounds(starts, lengths, keys)
     scores = torch.matmul(q3.float(), k3.float().transpose(1, 2))  # [L, M, N]
     if per_kv_head:
@@ -129,20 +132,20 @@ def _fold(q: torch.Tensor, keys: torch.Tensor, per_kv_head: bool):
     n, d = keys.shape[-2], keys.shape[-1]
     if q.dim() == keys.dim() - 1 and keys.dim() == 4:  # one decode step: q [B, Hq, d], keys [B, Hkv, N, d]
         b, hq, hkv = q.shape[0], q.shape[1], keys.shape[1]
-        if q.shape[0] != keys.shape[0] or hq % hkv:
+        if q.shape[0] != keys.shape[0] or hkv == 0 or hq % hkv:
             raise ValueError(f"q {tuple(q.shape)} and keys {tuple(keys.shape)}: need the same batch and Hq a "
                              f"multiple of Hkv (GQA)")
         q3 = q.reshape(b * hkv, hq // hkv, d)
         out_shape = (b, hkv) if per_kv_head else (b, hq)
     elif q.dim() == keys.dim() and q.shape[:-2] == keys.shape[:-2]:  # folded: q [*, M, d], keys [*, N, d]
-        q3 = q.reshape(-1, q.shape[-2], d)
+        q3 = q.reshape(math.prod(q.shape[:-2]), q.shape[-2], d)
         out_shape = (*q.shape[:-2], 1 if per_kv_head else q.shape[-2])
     else:
         raise ValueError(f"q {tuple(q.shape)} does not fit keys {tuple(keys.shape)}: pass q [B, Hq, d] with keys "
                          "[B, Hkv, N, d], or q [*, M, d] with keys [*, N, d]")
     if per_kv_head and q3.shape[1] > MAX_GROUP_BLOCK:
         raise ValueError(f"per_kv_head sums at most {MAX_GROUP_BLOCK} query heads per KV head, got {q3.shape[1]}")
-    return q3, keys.reshape(-1, n, d), out_shape
+    return q3, keys.reshape(math.prod(keys.shape[:-2]), n, d), out_shape  # explicit sizes: N or M may be 0
 
 
 def _sequence_bounds(starts: torch.Tensor | None, lengths: torch.Tensor | None,
@@ -159,8 +162,8 @@ def _sequence_bounds(starts: torch.Tensor | None, lengths: torch.Tensor | None,
                 raise ValueError(f"{name} must be a 1-D tensor of {b} per-sequence key positions")
             if value.dtype.is_floating_point or value.dtype == torch.bool or value.device != keys.device:
                 raise ValueError(f"{name} must be an integer tensor on the keys' device ({keys.device})")
-            if value.dtype != torch.int32:
-                value = value.clamp(0, n).to(torch.int32)
+            if value.dtype != torch.int32:  # clamped as int64: N may not fit a narrower type
+                value = value.long().clamp(0, n).to(torch.int32)
         bounds.append(value)
     return bounds[0], bounds[1]
 
