@@ -351,6 +351,14 @@ def test_report_end_to_end(tmp_path):
         report.write_report(tmp_path / "missing")
 
 
+def test_report_shows_the_config_ident_only_where_configurations_look_alike():
+    from topklab.analysis.report import _config_needed
+
+    rows = pd.DataFrame(dict(indexer=["exact", "exact", "oracle:p=0.5"], k=[16.0, 16.0, 16.0], per="head",
+                             config=["exact|k=16|sinks=0", "exact|k=16|sinks=4", "oracle|k=16|sinks=0"]))
+    assert _config_needed(rows) and not _config_needed(rows.iloc[1:]) and not _config_needed(rows.drop(columns="config"))
+
+
 def test_report_module_entry_point(tmp_path, capsys):
     (tmp_path / "eval").mkdir()
     eval_rows(samples=3, ks=(16,)).to_parquet(tmp_path / "eval" / "results.parquet")

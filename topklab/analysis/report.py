@@ -103,6 +103,13 @@ class _Context:
         return f"![{name}]({path.relative_to(self.report_dir).as_posix()})\n"
 
 
+def _config_needed(configs: pd.DataFrame) -> bool:
+    """Whether the long ``config`` ident must be shown: only when model, indexer, k and per leave rows alike (other
+    sinks or windows, or k = 1 next to the ratio 1.0)."""
+    shown = [c for c in ("model", "indexer", "k", "per") if c in configs]
+    return "config" in configs and bool(configs.duplicated(shown).any())
+
+
 def eval_section(results: pd.DataFrame, name: str, ctx: _Context) -> str:
     models = ", ".join(sorted(results["model"].astype(str).unique())) if "model" in results else "?"
     units = [c for c in correlation.UNIT_KEYS if c in results]
@@ -113,14 +120,16 @@ def eval_section(results: pd.DataFrame, name: str, ctx: _Context) -> str:
              + (f"; lengths {sorted(results['length'].unique().tolist())}" if "length" in results else "") + ".\n"]
     configs = correlation.configurations(results, n_resamples=ctx.n_resamples, seed=ctx.seed)
     shown = configs.assign(accuracy=_with_ci(configs["accuracy"], configs["accuracy_low"], configs["accuracy_high"]))
-    keep = [c for c in ("model", "indexer", "k", "per", "samples", "accuracy", *correlation.FIDELITY_METRICS)
-            if c in shown]
+    keep = [c for c in ("model", "indexer", "k", "per", "config", "samples", "accuracy",
+                        *correlation.FIDELITY_METRICS) if c in shown and (c != "config" or _config_needed(shown))]
     lines += ["### Configurations\n", "Accuracy = mean score over samples with a 95% bootstrap CI over samples "
               "(stratified by task and length); fidelity = mean of the decoding recorder's per-sample means.\n",
               markdown_table(shown[keep]), ""]
     if "task" in results and results["task"].nunique() > 1:
         keys = [c for c in correlation.CONFIG_KEYS if c in results]
         per_task = results.groupby([*keys, "task"], dropna=False)["score"].mean().unstack("task").reset_index()
+        if "config" in per_task and not _config_needed(per_task):
+            per_task = per_task.drop(columns="config")
         lines += ["### Accuracy per task\n", markdown_table(per_task), ""]
     lines.append(ctx.figure(figures.fidelity_vs_accuracy, configs, "fidelity-vs-accuracy", name))
     lines += ["### Does fidelity predict accuracy?\n",
