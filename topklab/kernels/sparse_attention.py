@@ -35,11 +35,16 @@ def sparse_decode_attention_reference(q: torch.Tensor, keys: torch.Tensor, value
                                       indices: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Plain torch in fp32: gather, mask the -1 slots, a softmax that returns zeros when nothing is selected."""
     scale = _check_attention(q, keys, values, indices, scale)
-    b, hq, d = q.shape
-    hkv, n_sel = keys.shape[1], indices.shape[1]
     if indices.numel() and (int(indices.min()) < -1 or int(indices.max()) >= keys.shape[2]):
         raise ValueError(f"indices hold {int(indices.min())}..{int(indices.max())}; valid are 0..N-1 = "
                          f"0..{keys.shape[2] - 1}, or -1 for an empty slot")
+    return _attend_reference(q, keys, values, indices, scale)
+
+
+def _attend_reference(q, keys, values, indices, scale: float) -> torch.Tensor:
+    """The reference's math on checked inputs (no host read: a static decode step stays capturable)."""
+    b, hq, d = q.shape
+    hkv, n_sel = keys.shape[1], indices.shape[1]
     if indices.shape[-1] == 0 or keys.shape[2] == 0:  # nothing selected anywhere
         return q.new_zeros(b, hq, d)
     group = hq // n_sel  # query heads per selection row
@@ -75,7 +80,7 @@ def topk_attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.
                              scale: float | None = None, lengths: torch.Tensor | None = None,
                              starts: torch.Tensor | None = None, per_kv_head: bool = False) -> torch.Tensor:
     _, indices = topk_reference(q, keys, k, lengths=lengths, starts=starts, per_kv_head=per_kv_head)
-    return sparse_decode_attention_reference(q, keys, values, indices, scale)
+    return _attend_reference(q, keys, values, indices, _check_attention(q, keys, values, indices, scale))
 
 
 def _check_attention(q, keys, values, indices, scale) -> float:

@@ -81,8 +81,9 @@ def topk(q: torch.Tensor, keys: torch.Tensor, k: int, *, lengths: torch.Tensor |
     device, so a decode step reads nothing on the host. Rows with fewer than k valid keys get index -1 and score
     -inf in the tail. Ties go to the lower index. ``sorted`` orders
     each row best first; otherwise the order is unspecified. Triton on CUDA, :func:`topk_reference` elsewhere.
-    The reference refuses NaN/Inf keys; the CUDA path does not scan for them (that would be a second pass over K),
-    and with them its selection is undefined: check a cache you do not trust with ``topklab.checks.check_finite``.
+    The reference refuses NaN/Inf keys when every key is valid (no ``lengths`` or ``starts``); the CUDA path does
+    not scan for them (that would be a second pass over K), and with them a selection is undefined: check a cache
+    you do not trust with ``topklab.checks.check_finite``.
     """
     q3, k3, out_shape = _fold(q, keys, per_kv_head)
     check_k(k, k3.shape[1])
@@ -101,7 +102,8 @@ def topk_reference(q: torch.Tensor, keys: torch.Tensor, k: int, *, lengths: torc
     first k, best first."""
     q3, k3, out_shape = _fold(q, keys, per_kv_head)
     check_k(k, k3.shape[1])
-    check_finite(keys, "keys")
+    if starts is None and lengths is None:  # with them, keys outside the range may hold anything and are not read
+        check_finite(keys, "keys")  # (a static cache's unwritten slots; a check there would also cost a host read)
     first, end = _sequence_bounds(starts, lengths, keys)
     scores = torch.matmul(q3.float(), k3.float().transpose(1, 2))  # [L, M, N]
     if per_kv_head:
