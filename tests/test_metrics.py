@@ -49,8 +49,9 @@ def test_recall_with_logits_counts_tied_keys_once_per_free_slot():
     assert recall_at_k(torch.tensor([[0, 1, 4]]), true).item() == pytest.approx(2 / 3)  # by index: a tie is a miss
     # the logits define the exact Top-k: a `true` from another kernel that swapped a near-tie changes nothing
     assert recall_at_k(torch.tensor([[0, 1, 4]]), torch.tensor([[0, 1, 3]]), logits).item() == 1.0
-    masked = torch.tensor([[5.0, -math.inf, -math.inf]])  # k = 2 > the one valid key: a masked key is never a hit
-    assert recall_at_k(torch.tensor([[0, 2]]), torch.tensor([[0, 1]]), masked).item() == 0.5
+    masked = torch.tensor([[5.0, 4.0, -math.inf, -math.inf]])  # k = 3 > the two valid keys: recall over those two
+    assert recall_at_k(torch.tensor([[0, 1, 2]]), torch.tensor([[0, 1, 2]]), masked).item() == 1.0
+    assert recall_at_k(torch.tensor([[0, 2, 3]]), torch.tensor([[0, 1, 2]]), masked).item() == 0.5
 
 
 def test_recall_with_logits_equals_index_recall_without_ties_and_brute_force_with_them(rng):

@@ -399,9 +399,51 @@ def test_checkpoints_are_written_whole_and_reused_only_for_their_settings(tmp_pa
         assert not reusable_checkpoint(folder, "tiny-llama", data, dataclasses.replace(config, topk=TopkSpec(k=8)))
         assert not reusable_checkpoint(folder, "tiny-llama", dataclasses.replace(data, data_seed=3), config)
         assert not reusable_checkpoint(folder, "another-base", data, config)
+    one_key = dataclasses.replace(config, topk=TopkSpec(k=1))
+    finetune(model, tokenizer, data, one_key, folder)
+    assert reusable_checkpoint(folder, "tiny-llama", data, one_key)
+    assert not reusable_checkpoint(folder, "tiny-llama", data, dataclasses.replace(config, topk=TopkSpec(k=1.0)))
     assert "train.steps: 1 -> 2" in caplog.text and "base: ['tiny-llama', None] -> ['another-base', None]" in caplog.text
 
     identity = checkpoint_identity(folder)  # a re-trained checkpoint at the same path is another model
     save_checkpoint(model, None, folder, {"kind": "other"})
     assert checkpoint_identity(folder) != identity and checkpoint_identity("tiny-llama") == ["tiny-llama", None]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ft"] and not (folder / "train_log.csv").exists()
+
+
+def test_checkpoint_folder_is_replaced_only_when_it_is_one(tmp_path, monkeypatch):
+    """A folder of other files (or the working directory) is refused, not wiped; a failed final rename puts the
+    earlier checkpoint back; the folder is as readable as any other (not mkdtemp's 0700)."""
+    import os
+
+    from topklab import io
+
+    def write(text):
+        return lambda folder: [(folder / "weights.bin").write_text(text), (folder / "done.json").write_text("{}")]
+
+    shared = tmp_path / "results"
+    shared.mkdir()
+    (shared / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="holds other files and no done.json"):
+        io.atomic_folder(shared, write("a"), marker="done.json")
+    assert [p.name for p in shared.iterdir()] == ["notes.txt"]
+
+    folder = io.atomic_folder(tmp_path / "ck", write("first"), marker="done.json")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
+    real_replace = os.replace
+
+    def fails(src, dst):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(io.os, "replace", fails)
+    with pytest.raises(OSError, match="disk gone"):
+        io.atomic_folder(folder, write("second"), marker="done.json")
+    monkeypatch.setattr(io.os, "replace", real_replace)
+    assert (folder / "weights.bin").read_text() == "first" and sorted(p.name for p in tmp_path.iterdir()) == \
+        ["ck", "results"]
+    monkeypatch.chdir(folder)
+    with pytest.raises(ValueError, match="working directory"):
+        io.atomic_folder(".", write("third"), marker="done.json")
+    assert (folder / "weights.bin").read_text() == "first"

@@ -28,18 +28,34 @@ def atomic_write(path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def atomic_folder(path, write: Callable[[Path], None]) -> Path:
+def atomic_folder(path, write: Callable[[Path], None], marker: str) -> Path:
     """`atomic_write` for a folder (a checkpoint): ``write(tmp_folder)`` on a temporary sibling, renamed to ``path``
-    only if it succeeded (an old ``path`` is replaced), so a killed run never leaves a half-written folder there."""
+    only if it succeeded, so a killed run never leaves a half-written folder there.
+
+    ``path`` must be new, empty, or an earlier such folder (it holds ``marker``), which is replaced whole: a folder
+    of other files (a results folder, the working directory) is refused rather than wiped. If the final rename
+    fails the earlier folder is put back; a process killed between the two renames leaves no folder at ``path``
+    (the earlier one waits in a hidden ``.old`` sibling), never a mixed one."""
     path = Path(path)
+    if path.exists() and any(path.iterdir()) and not (path / marker).is_file():
+        raise ValueError(f"{path} holds other files and no {marker}: give a new or empty folder for the checkpoint")
+    if path.exists() and path.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+        raise ValueError(f"{path} is the working directory or holds it: give another folder for the checkpoint")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the checkpoint private to its writer
+    old = tmp.with_suffix(".old")
     try:
         write(tmp)
         if path.exists():
-            old = tmp.with_suffix(".old")
             path.rename(old)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                old.rename(path)
+                raise
             shutil.rmtree(old)
         else:
             os.replace(tmp, path)

@@ -44,7 +44,7 @@ from report import (  # noqa: E402
     write_summary,
 )
 
-from topklab.io import write_table, write_text  # noqa: E402
+from topklab.io import digest, write_table, write_text  # noqa: E402
 from topklab.tasks.evaluate import configurations  # noqa: E402
 from topklab.training.reuse import reusable_checkpoint  # noqa: E402
 from topklab.training.topk_sft import (  # noqa: E402
@@ -84,7 +84,8 @@ def base_model(args, out: Path) -> str:
         return args.base
     config = load_config(args.base)
     folder = out / "checkpoints" / config.name
-    if not (is_zoo_checkpoint(folder) and zoo_config_of(folder) == config):  # missing, or from another config
+    # missing, or from another config (compared as JSON: a dataclass's == takes k = 1 for the ratio 1.0)
+    if not (is_zoo_checkpoint(folder) and digest(zoo_config_of(folder).to_dict()) == digest(config.to_dict())):
         log.info("training zoo model %s into %s", args.base, folder)
         train_zoo_model(config, folder, args.device)
     return str(folder)

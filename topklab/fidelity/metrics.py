@@ -30,6 +30,7 @@ def recall_at_k(pred: torch.Tensor, true: torch.Tensor, logits: torch.Tensor | N
     should: a selected key scoring exactly the k-th score is as good as the tied key a Top-k happened to keep, so
     recall is the overlap with the best of the equally exact Top-k sets, |pred ∩ above| + min(|pred ∩ tied|,
     k - |above|). A ``true`` from another precision or kernel then cannot count a near-tie swap as a miss either.
+    Masked keys (-inf logits) are never hits; where fewer than k keys are valid, recall is over those.
     """
     check_indices(pred, "pred")
     check_indices(true, "true")
@@ -52,13 +53,15 @@ def recall_at_k(pred: torch.Tensor, true: torch.Tensor, logits: torch.Tensor | N
 def _tie_aware_recall(pred: torch.Tensor, k: int, logits: torch.Tensor) -> torch.Tensor:
     if k > logits.shape[-1]:
         raise ValueError(f"k = {k} exceeds the {logits.shape[-1]} keys the logits score")
+    valid = torch.isfinite(logits)  # masked-out keys (-inf) never count, above the cut or tied
+    logits = logits.masked_fill(~valid, -math.inf)
     kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-    above = logits > kth
-    tied = (logits == kth) & (kth > -math.inf)  # masked-out keys (-inf) never count, tied or not
+    above, tied = valid & (logits > kth), valid & (logits == kth)
+    slots = valid.sum(-1).clamp(max=k)  # fewer valid keys than k: the exact Top-k is all of them
     n_above = above.sum(-1)
     selected = _mask_for(pred, logits)
-    hits = (selected & above).sum(-1) + torch.minimum((selected & tied).sum(-1), k - n_above)
-    return hits.float() / k
+    hits = (selected & above).sum(-1) + torch.minimum((selected & tied).sum(-1), slots - n_above)
+    return hits.float() / slots.clamp(min=1)
 
 
 MASS_FLOOR = 1e-30  # KL = -log(mass) is capped at -log(MASS_FLOOR) ~ 69.1 when nothing (or no mass) is selected

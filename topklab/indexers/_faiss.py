@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 FLOAT_BYTES = 4
 ID_BYTES = 8  # FAISS stores an int64 id beside every vector of an inverted list
+FAISS_SEED_MAX = 2**31 - 1
 
 
 def import_faiss():
@@ -65,6 +66,11 @@ class FaissIndexer(Indexer):
 
     #: FAISS has GPU versions of its IVF indexes but not of IndexHNSWFlat.
     gpu_capable: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.seed <= FAISS_SEED_MAX:  # FAISS takes its seeds as a C int
+            raise ValueError(f"{self.name}: seed must be in [0, {FAISS_SEED_MAX}], got seed={self.seed}")
 
     def _build(self, keys: torch.Tensor) -> None:
         self._faiss = import_faiss()

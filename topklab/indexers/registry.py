@@ -12,7 +12,7 @@ import typing
 
 from topklab.indexers.base import Indexer
 
-INT_PARAM_LIMIT = 2**31 - 1
+INT_PARAM_LIMIT = 2**63 - 1  # what a C int64 (and a torch seed) holds
 
 REGISTRY: dict[str, type[Indexer]] = {}
 
@@ -91,8 +91,7 @@ def _convert(name: str, key: str, value: str, typ) -> object:
         if typ is int:
             number = int(value)
             if abs(number) > INT_PARAM_LIMIT:
-                raise ValueError(f"{name}: parameter {key}={value} is out of range (|value| <= {INT_PARAM_LIMIT}, "
-                                 "what FAISS's 32-bit parameters hold)")
+                raise ValueError(f"{name}: parameter {key}={value} is out of range (|value| <= {INT_PARAM_LIMIT})")
             return number
         if typ is float:
             number = float(value)

@@ -35,7 +35,7 @@ def reusable_checkpoint(folder, base: str, data, train) -> bool:
     recorded = _settings([meta.get("base"), meta.get("base_training")], meta.get("data"), meta.get("train"))
     wanted = _settings(checkpoint_identity(base), data, train)
     changed = [f"{k}: {reprlib.repr(recorded.get(k))} -> {reprlib.repr(v)}" for k, v in wanted.items()
-               if recorded.get(k) != v]
+               if json.dumps(recorded.get(k)) != json.dumps(v)]  # as JSON: k = 1 (one key) is not k = 1.0 (all)
     if changed:
         log.info("retraining %s: its settings differ (%s)", folder, "; ".join(changed))
     return not changed

@@ -278,7 +278,8 @@ def special_ids(model, tokenizer) -> tuple[int, int]:
 def save_checkpoint(model, tokenizer, out: str | Path, meta: dict, log_frame: pd.DataFrame | None = None,
                     files: dict[str, str] | None = None) -> Path:
     """A Hugging Face folder: config.json + model.safetensors (+ tokenizer files) + ``meta`` as training.json (+
-    ``files``, name -> text). Written whole or not at all (`atomic_folder`): a later run may trust what it finds."""
+    ``files``, name -> text). Written whole or not at all (`atomic_folder`): a later run may trust what it finds;
+    ``out`` must be new, empty or an earlier checkpoint (which is replaced)."""
     def write(folder: Path) -> None:
         model.save_pretrained(folder, safe_serialization=True)
         if tokenizer is not None:
@@ -289,7 +290,7 @@ def save_checkpoint(model, tokenizer, out: str | Path, meta: dict, log_frame: pd
             write_text(text, folder / name)
         write_text(json.dumps(meta, indent=2, default=str), folder / "training.json")
 
-    return atomic_folder(out, write)
+    return atomic_folder(out, write, marker="training.json")
 
 
 def finetune(model, tokenizer, data: TaskData, config: TrainConfig, out: str | Path | None = None,
