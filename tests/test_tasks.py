@@ -123,11 +123,15 @@ def test_variable_tracking_chain_is_in_order_and_complete(codec):
 
 
 def test_common_words_are_the_most_common(codec):
-    for length, (common, uncommon) in ((2048, (6, 1)), (SHORT_CONTEXT, (30, 3))):
-        sample = make("cwe").sample(codec, length, 0)
+    """RULER's 30/3 frequencies from 4K tokens where they fit with at least 10 uncommon words, else 6/1 (byte tokens
+    at exactly 4K: 300 common items alone take ~4K), never a near-trivial list of a few uncommon words."""
+    for length, (common, uncommon), index in ((2048, (6, 1), 0), (SHORT_CONTEXT, (6, 1), 0), (SHORT_CONTEXT, (6, 1), 3),
+                                              (8192, (30, 3), 1)):
+        sample = make("cwe").sample(codec, length, index)
         counts = Counter(re.findall(r"\d+\. ([a-z]+)", sample.context))
         assert {w for w, c in counts.items() if c == common} == set(sample.answers)
         assert set(counts.values()) == {common, uncommon}
+        assert len(counts) - len(sample.answers) >= len(sample.answers)
 
 
 def test_frequent_words_are_strictly_the_most_frequent(codec):
@@ -152,6 +156,9 @@ def test_scorers_on_known_cases():
     assert extract_choice("The correct answer is B") == "B"
     assert extract_choice("I think (D) fits") == "D"
     assert extract_choice("no idea") is None
+    assert extract_choice("The correct answer is Because of the ending, (A)") == "A"  # "B" is a word's start
+    assert extract_choice("A careful reading shows the answer is C.") is None  # "A" is the article
+    assert extract_choice(" (B). ") == "B"
     assert normalize("The  Eiffel Tower!") == "eiffel tower"
 
 

@@ -46,26 +46,31 @@ class CommonWords(Task):
 
     name = "cwe"
     max_new_tokens = 120
+    version = 2  # 2: at least num_common uncommon words, the short layout where the long one cannot fit
 
     def __post_init__(self) -> None:
         if self.num_common < 1 or not self.freq_common > self.freq_uncommon >= 1:
             raise ValueError("cwe: need num_common >= 1 and freq_common > freq_uncommon >= 1")
 
     def draft(self, rng: random.Random, length: int) -> Draft:
-        freq_common, freq_uncommon = (self.freq_common, self.freq_uncommon) if length >= SHORT_CONTEXT else (6, 1)
         banned = _instruction_words(CWE_INSTRUCTION, CWE_PREFIX)
         words = [w for w in distinct_words(rng, len(vocabulary(self.filler)), self.filler) if w not in banned]
         common, uncommon = words[: self.num_common], words[self.num_common :]
         seed = rng.random()
 
-        def render(size: int) -> Prompt:
-            items = common * freq_common + uncommon[:size] * freq_uncommon
-            random.Random(f"{seed}|{size}").shuffle(items)
-            context = " ".join(f"{i + 1}. {word}" for i, word in enumerate(items))
-            user = CWE_INSTRUCTION.format(context=context, n=self.num_common)
-            return Prompt(context, user, CWE_PREFIX.format(n=self.num_common))
+        def layout(freq_common: int, freq_uncommon: int, fallback: Draft | None = None) -> Draft:
+            def render(size: int) -> Prompt:
+                items = common * freq_common + uncommon[:size] * freq_uncommon
+                random.Random(f"{seed}|{size}").shuffle(items)
+                context = " ".join(f"{i + 1}. {word}" for i, word in enumerate(items))
+                user = CWE_INSTRUCTION.format(context=context, n=self.num_common)
+                return Prompt(context, user, CWE_PREFIX.format(n=self.num_common))
 
-        return Draft(tuple(common), render, min_size=0, max_size=len(uncommon))
+            # at least as many uncommon words as common ones (as RULER), or the task is near trivial
+            return Draft(tuple(common), render, min_size=self.num_common, max_size=len(uncommon), fallback=fallback)
+
+        short = layout(6, 1)  # RULER's frequencies below 4K tokens, and where the long ones do not fit
+        return short if length < SHORT_CONTEXT else layout(self.freq_common, self.freq_uncommon, fallback=short)
 
 
 @register("fwe")

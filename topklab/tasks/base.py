@@ -46,6 +46,7 @@ class Draft:
     render: Callable[[int], Prompt]
     min_size: int
     max_size: int
+    fallback: "Draft | None" = None  # a plainer rendering of the same content, for lengths this one cannot fit
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,14 @@ class Task:
         if self.count is not None and index >= self.count:
             raise ValueError(f"task {self.label!r} has {self.count} samples; index {index} is out of range")
         draft = self.draft_for(length, index, seed)
-        size, ids, text, prompt = _fit(draft, codec, budget, self.label, length)
+        while True:
+            try:
+                size, ids, text, prompt = _fit(draft, codec, budget, self.label, length)
+                break
+            except TooShortError:
+                if draft.fallback is None:
+                    raise
+                draft = draft.fallback
         return Sample(self.label, length, index, seed, tuple(ids), text, prompt.context, draft.answers, new_tokens, size)
 
     def draft_for(self, length: int, index: int, seed: int) -> Draft:
@@ -206,6 +214,10 @@ def sample_rng(task: str, length: int, index: int, seed: int) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "little"))
 
 
+class TooShortError(ValueError):
+    """A length below a task's smallest prompt plus its answer budget."""
+
+
 def _fit(draft: Draft, codec: PromptCodec, budget: int, name: str, length: int):
     """Largest size in [min_size, max_size] whose prompt has <= budget tokens.
 
@@ -225,7 +237,7 @@ def _fit(draft: Draft, codec: PromptCodec, budget: int, name: str, length: int):
     first, last = draft.min_size, draft.max_size
     if tokens(first) > budget:
         need = tokens(first) + length - budget
-        raise ValueError(
+        raise TooShortError(
             f"length {length} is too short for task {name!r}: its smallest prompt takes {tokens(first)} tokens and "
             f"the answer {length - budget} more; use a length of at least {need}"
         )

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from topklab.tasks.base import Draft, Prompt, Task, register
+from topklab.tasks.base import Draft, Prompt, Task, match_all, register
 
 LONGBENCH_V2_TEMPLATE = (
     "Please read the following text and answer the question below.\n\n<text>\n{context}\n</text>\n\n"
@@ -181,9 +181,10 @@ class LongBenchV2(FileTask):
 
 
 def extract_choice(prediction: str) -> str | None:
-    """The letter of "The correct answer is (X)" / "... is X", else the first standalone A-D, else None."""
-    found = re.search(r"correct answer is\s*\(?([A-D])\)?", prediction) or re.search(r"\(([A-D])\)", prediction) \
-        or re.search(r"(?<![A-Za-z])([A-D])(?![A-Za-z])", prediction)
+    """The letter of "The correct answer is (X)" / "... is X", else of the first "(X)", else a prediction that is
+    a bare letter, else None (a stray "A" in a sentence is the article, not a choice)."""
+    found = re.search(r"correct answer is\s*\(?([A-D])\)?(?![A-Za-z])", prediction) \
+        or re.search(r"\(([A-D])\)", prediction) or re.fullmatch(r"\W*([A-D])\W*", prediction)
     return found.group(1) if found else None
 
 
@@ -233,7 +234,7 @@ class Helmet(FileTask):
 
     def score(self, prediction: str, answers: Sequence[str]) -> float:
         if self.shape(self.records[0]) == "recall":
-            return sum(a.lower() in prediction.lower() for a in answers) / len(answers)
+            return match_all(prediction, answers)  # whole values: "1234567" is not in "91234567"
         return max(float(normalize(a) in normalize(prediction)) for a in answers)
 
 
