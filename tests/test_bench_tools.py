@@ -43,3 +43,32 @@ def test_ab_table_rejects_a_log_without_profiles(tmp_path):
     log.write_text("pytest output only\n")
     run = _ab_table(str(log))
     assert run.returncode != 0 and "ab_variants.sh" in run.stderr
+
+
+def test_bench_kernels_tables_are_well_formed_and_compare_like_with_like(monkeypatch):
+    """bench_kernels.py's Top-k and attention rows on the CPU (torch references, a stand-in clock): every row has
+    its header's cells, and the plain torch baseline is unsorted like ours (a sort charged to one side only would
+    flatter the ratio)."""
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_kernels
+    finally:
+        sys.path.remove(str(BENCH))
+    real_randn = torch.randn
+    monkeypatch.setattr(bench_kernels.torch, "randn", lambda *shape, device=None, **kw: real_randn(*shape, **kw))
+    monkeypatch.setattr(bench_kernels, "graph_time", lambda fn, sets: [fn(*args) for args in sets] and 1e-5)
+    monkeypatch.setattr(bench_kernels, "eager_time", lambda fn, args: 2e-5)
+    calls = []
+    real_topk = torch.topk
+    monkeypatch.setattr(bench_kernels.torch, "topk", lambda *a, **kw: calls.append(kw) or real_topk(*a, **kw))
+    topk_rows, attn_rows = [], []
+    bench_kernels.bench_topk(3e12, 3.2e12, (1,), (4096,), topk_rows)
+    bench_kernels.bench_attention(3e12, (1,), (4096,), 256, attn_rows)
+    assert len(topk_rows) == 3 and len(attn_rows) == 1
+    assert {len(row.split("|")) for row in topk_rows} == {15} and len(attn_rows[0].split("|")) == 12
+    assert calls and all(kw.get("sorted") is False for kw in calls)
+    floor = 8 * 4096 * 128 * 2 / 3e12
+    cells = [c.strip() for c in topk_rows[0].strip("|").split("|")]
+    assert cells[5] == f"{1e-5 / floor:.2f}" and cells[6] == f"{1e-5 * 3.2e12 / (8 * 4096 * 128 * 2):.2f}"
