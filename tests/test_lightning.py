@@ -256,3 +256,25 @@ def test_cuda_fit_and_fp8_search(trace):
     queries, keys = (t.cuda() for t in _qk())
     exact = torch.einsum("bhmd,bhnd->bhmn", queries, keys).topk(K, -1).indices
     assert float(recall_at_k(make("lightning-qk:relu=false").build(keys).search(queries, K), exact).mean()) > 0.85
+
+
+def test_a_layers_indexer_is_refused_at_other_layers(trained, checkpoint):
+    """A learned indexer projects one layer's hidden states: decoding refuses it at a layer it was not fitted on
+    (the checkpoint keeps the layer), rather than use one layer's projections everywhere."""
+    from topklab.decoding.topk_attention import enable_topk_attention
+    from topklab.models import tiny_model
+
+    assert trained.fitted_layer == 0
+    loaded = make(f"lightning:heads=4,dim=16,rope=0,ckpt={checkpoint}")
+    assert loaded.fitted_layer == 0
+    model = tiny_model("llama", layers=2)
+    for choice in (trained, f"lightning:heads=4,dim=16,rope=0,ckpt={checkpoint}", {0: trained, 1: trained}):
+        with pytest.raises(ValueError, match="was fitted on layer 0, not 1"):
+            enable_topk_attention(model, choice, k=4)
+    enable_topk_attention(model, trained, k=4, dense_layers=[1]).restore()
+
+
+def test_fit_leaves_the_global_generators_alone(trace):
+    before = torch.random.get_rng_state()
+    make(SPEC.replace("steps=300", "steps=2")).fit([trace])
+    assert torch.equal(torch.random.get_rng_state(), before)

@@ -424,13 +424,16 @@ def _template(indexer: IndexerChoice, layer: int) -> Indexer:
             raise ValueError(f"the indexer mapping has no entry for layer {layer}; add one or list it in dense_layers")
         indexer = indexer[layer]
     if isinstance(indexer, str):
-        return make(indexer).require_fitted()
-    if isinstance(indexer, Indexer):
-        return copy.deepcopy(indexer.require_fitted())
-    raise TypeError(
-        "indexer must be a spec string, an Indexer or a {layer: spec or Indexer} mapping, "
-        f"got {type(indexer).__name__}"
-    )
+        template = make(indexer).require_fitted()
+    elif isinstance(indexer, Indexer):
+        template = copy.deepcopy(indexer.require_fitted())
+    else:
+        raise TypeError("indexer must be a spec string, an Indexer or a {layer: spec or Indexer} mapping, "
+                        f"got {type(indexer).__name__}")
+    if template.fitted_layer is not None and template.fitted_layer != layer:
+        raise ValueError(f"{template.spec} was fitted on layer {template.fitted_layer}, not {layer}: pass a "
+                         "{layer: indexer} mapping of indexers fitted per layer (or list the others in dense_layers)")
+    return template
 
 
 def _visible(mask: torch.Tensor, kv_len: int) -> torch.Tensor:

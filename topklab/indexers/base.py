@@ -84,6 +84,9 @@ class Indexer:
     #: Search draws random numbers as it goes: decoding gives each sequence of a batch its own copy, so a sequence's
     #: picks do not depend on its batch-mates.
     stochastic: ClassVar[bool] = False
+    #: The model layer a trainable indexer was fitted on (None: not fitted, or not tied to a layer); decoding refuses
+    #: it at another layer.
+    fitted_layer: int | None = None
 
     def __post_init__(self) -> None:
         for field, allowed in self.choices.items():

@@ -180,11 +180,13 @@ class Lightning(Indexer):
         if not layers or layers[0].hidden is None:
             raise ValueError("lightning: fit needs LayerTraces with hidden states (capture them with hidden=True)")
         hidden = layers[0].hidden
-        with torch.random.fork_rng(devices=[hidden.device] if hidden.is_cuda else []):
+        # manual_seed seeds every device: fork them all, or a fit on the CPU would reset the CUDA generators
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
             torch.manual_seed(self.seed)
             net = LightningProjections(hidden.shape[-1], self.heads, self.dim, self.rope).to(hidden.device)
         self.history = distill(net, layers, self.steps, self.lr, self.seed)
         self.net = net
+        self.fitted_layer = layers[0].layer
         return self
 
     def save(self, path: str | Path) -> Path:
@@ -193,6 +195,8 @@ class Lightning(Indexer):
 
         net = self._trained()
         metadata = {"format": CHECKPOINT_FORMAT, "hidden_size": str(net.hidden_size), "spec": self.spec}
+        if self.fitted_layer is not None:
+            metadata["layer"] = str(self.fitted_layer)
         metadata.update({key: str(getattr(self, key)) for key in ARCHITECTURE})
         state = {key: value.detach().cpu().contiguous() for key, value in net.state_dict().items()}
         return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
@@ -218,6 +222,7 @@ class Lightning(Indexer):
                              "parameters in the spec to the checkpoint's values")
         net = LightningProjections(int(metadata["hidden_size"]), self.heads, self.dim, self.rope)
         net.load_state_dict(state)
+        self.fitted_layer = int(metadata["layer"]) if "layer" in metadata else None
         return net.eval()
 
     @property
