@@ -100,6 +100,7 @@ def _gluon_or_skip(q_fp8, k_fp8):
     (2, 4, 64, 70001), (2, 4, 40, 130),  # several key tiles per program; 40 heads padded to 64
     (1, 5, 128, 777), (3, 3, 128, 1025),  # 128 heads: 2 queries a program
     (2, 9, 64, 3001), (2, 4, 64, 64), (2, 2, 16, 4097), (1, 4, 32, 50),  # partly empty query groups; N < one tile
+    (2, 1, 1, 3001), (2, 3, 2, 517),  # lightning-qk's one or two heads (with w = +-1), padded to the table's least
 ])
 def test_gluon_kernel_matches_reference_on_gpu(b, m, h, n):
     """The Gluon kernel: ragged last tiles, sequences whose scales start unaligned, query groups partly empty
