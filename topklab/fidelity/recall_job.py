@@ -8,7 +8,6 @@ the cell it was in.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import re
@@ -21,7 +20,7 @@ from tqdm.auto import tqdm
 from topklab.fidelity.evaluate import evaluate_spec
 from topklab.fidelity.traces import TraceError, TraceFile, save_trace
 from topklab.indexers import default_specs, make
-from topklab.io import read_table, write_table, write_text
+from topklab.io import digest, read_table, write_table, write_text
 from topklab.models import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
@@ -157,9 +156,8 @@ def _capture(model, tokenizer, doc, length, decode, layers, path, config, info) 
 def _trace_name(role: str, info: dict, text: str, length: int, decode: int, layers: str) -> str:
     """Readable, and unique to everything the trace depends on: slugs alone collide (``run_1`` and ``run-1``, long
     names cut short) and miss an edited text, which would reuse another model's or text's attention."""
-    ident = json.dumps([info, hashlib.sha256(text.encode()).hexdigest(), length, decode, layers], sort_keys=True)
-    digest = hashlib.sha256(ident.encode()).hexdigest()[:10]
-    return f"{role}-{_slug(info['model'])[:40]}-{_slug(info['title'])[:40]}-{length}-{decode}-{digest}.safetensors"
+    key = digest([info, digest(text), length, decode, layers])[:10]
+    return f"{role}-{_slug(info['model'])[:40]}-{_slug(info['title'])[:40]}-{length}-{decode}-{key}.safetensors"
 
 
 def _reuse(path: Path, info: dict) -> TraceFile | None:
@@ -182,7 +180,7 @@ def _cell_key(spec, config, traces, fit_traces) -> str:
         "traces": [(t.path.name, t.header["crc32"]["input_ids"]) for t in traces],
         "fit": [(t.path.name, t.header["crc32"]["input_ids"]) for t in fit_traces] if make(spec).trainable else [],
     }
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
+    return digest(ident)[:10]
 
 
 def _slug(text: str) -> str:

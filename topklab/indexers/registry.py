@@ -80,29 +80,25 @@ def _lookup(name: str) -> type[Indexer]:
 
 
 def _convert(name: str, key: str, value: str, typ) -> object:
+    parse = {bool: _parse_bool, int: int, float: float}.get(typ, str)
     try:
-        if typ is bool:
-            lowered = value.lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if typ is int:
-            number = int(value)
-            if abs(number) > INT_PARAM_LIMIT:
-                raise ValueError(f"{name}: parameter {key}={value} is out of range (|value| <= {INT_PARAM_LIMIT})")
-            return number
-        if typ is float:
-            number = float(value)
-            if not math.isfinite(number):
-                raise ValueError(f"{name}: parameter {key}={value} must be a finite number")
-            return number
-        return str(value)
-    except ValueError as err:
-        if str(err).startswith(f"{name}: "):
-            raise
+        parsed = parse(value)
+    except ValueError:
         raise ValueError(f"{name}: parameter {key}={value!r} is not a valid {getattr(typ, '__name__', typ)}") from None
+    if typ is int and abs(parsed) > INT_PARAM_LIMIT:
+        raise ValueError(f"{name}: parameter {key}={value} is out of range (|value| <= {INT_PARAM_LIMIT})")
+    if typ is float and not math.isfinite(parsed):
+        raise ValueError(f"{name}: parameter {key}={value} must be a finite number")
+    return parsed
+
+
+def _parse_bool(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
 
 
 def _show(value) -> str:

@@ -121,9 +121,7 @@ def fp8_index_scores(q_fp8, q_scale, k_fp8, k_scale, weights) -> torch.Tensor:
     key's) scores into NaN rather than wrong numbers.
     """
     q_scale, k_scale = _check_index_inputs(q_fp8, q_scale, k_fp8, k_scale, weights)
-    if not use_triton(q_fp8):
-        return fp8_index_scores_reference(q_fp8, q_scale, k_fp8, k_scale, weights)
-    if q_fp8.numel() == 0 or k_fp8.numel() == 0:  # no query, head or key: nothing to launch over
+    if not use_triton(q_fp8) or q_fp8.numel() == 0 or k_fp8.numel() == 0:  # empty: nothing to launch over
         return fp8_index_scores_reference(q_fp8, q_scale, k_fp8, k_scale, weights)
     if gluon_enabled() and q_fp8.device.type == "cuda":
         # imported here: the Gluon module builds on this one
